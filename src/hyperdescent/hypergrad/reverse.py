@@ -1,0 +1,77 @@
+"""Reverse mode: backprop through the unrolled run (Franceschi et al. 2017, Sec. 3.1; seed 000).
+
+With `checkpoint_every=k` only every k-th state is kept during a first pass without a graph;
+the backward pass recomputes one segment at a time and carries the adjoint of the state
+across segment boundaries, so memory is O(T/k + k) states instead of O(T).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..problem import InnerState, Problem
+from .common import CostMeter, HypergradResult, finish, hp_values, natural_leaves, run_plain
+
+
+def _differentiable_start(state: InnerState) -> tuple[InnerState, list[torch.Tensor]]:
+    """A detached copy of the state whose tensors require grad (a segment's inputs)."""
+    tensors = {k: {n: x.detach().requires_grad_(True) for n, x in d.items()}
+               for k, d in state.tensors().items()}
+    flat = [x for d in tensors.values() for x in d.values()]
+    return state.replace_tensors(tensors), flat
+
+
+def unrolled_hypergrad(problem: Problem, steps: int, start: int = 0, segment: int | None = None,
+                       meter: CostMeter | None = None) -> tuple[float, dict, dict]:
+    """dE(s_T)/dλ by backprop through steps start..T-1 (earlier steps are held constant).
+
+    Returns (value, grads of the natural leaves, extra stats). `segment` is the checkpoint
+    interval; None keeps the whole graph.
+    """
+    lam = natural_leaves(problem, requires_grad=True)
+    values_d = hp_values(problem, {k: v.detach() for k, v in lam.items()})
+    values = hp_values(problem, lam)
+    lam_list = list(lam.values())
+    horizon = steps
+    state = run_plain(problem, problem.init_state(), 0, start, values_d, horizon)
+    seg = steps - start if segment is None else max(1, int(segment))
+    bounds = list(range(start, steps, seg)) or [start]
+    checkpoints = [state]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        state = run_plain(problem, state, a, b, values_d, horizon)
+        checkpoints.append(state)
+    grads = [torch.zeros_like(x) for x in lam_list]
+    adjoint = None
+    value = math.nan
+    for i in range(len(bounds) - 1, -1, -1):
+        a, b = bounds[i], (bounds[i + 1] if i + 1 < len(bounds) else steps)
+        s, inputs = _differentiable_start(checkpoints[i])
+        for t in range(a, b):
+            s, _ = problem.step(s, problem.train_batch(t), problem.hp_at(values, t, horizon),
+                                create_graph=True)
+        if adjoint is None:
+            out = problem.val_loss(s.params, s.buffers, problem.val_batch(steps))
+            value = out.item()
+            outputs, grad_outputs = [out], None
+        else:
+            ends = [x for d in s.tensors().values() for x in d.values()]
+            pairs = [(o, g) for o, g in zip(ends, adjoint) if o.requires_grad]
+            outputs, grad_outputs = [o for o, _ in pairs], [g for _, g in pairs]
+        got = torch.autograd.grad(outputs, inputs + lam_list, grad_outputs=grad_outputs,
+                                  allow_unused=True)
+        adjoint = [g if g is not None else torch.zeros_like(x) for g, x in zip(got, inputs)]
+        for j, g in enumerate(got[len(inputs):]):
+            if g is not None:
+                grads[j] = grads[j] + g
+    return value, dict(zip(lam, grads)), {"segments": len(bounds)}
+
+
+def reverse(problem: Problem, steps: int, checkpoint_every: int | None = None,
+            **_) -> HypergradResult:
+    """Reverse-mode hypergradient over the whole run (optionally checkpointed)."""
+    problem.require_replayable("reverse")
+    with CostMeter(problem.device) as meter:
+        value, grads, extra = unrolled_hypergrad(problem, steps, 0, checkpoint_every, meter)
+    return finish(problem, value, grads, meter.stats(method="reverse", steps=steps, **extra))

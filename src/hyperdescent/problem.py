@@ -1,0 +1,249 @@
+"""The inner problem: binds a model, loss, optimizer, space and replayable data into Φ and E.
+
+One inner step is the pure function s_{t+1} = Φ(s_t, batch_t, λ_t) of DESIGN.md, with
+s = (weights, optimizer state, buffers); E is the validation loss of the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.func import functional_call
+
+from .data import Batch, ReplayableBatches, StreamBatches, as_tensor_pair
+from .errors import DataError, HyperparameterError, NonFiniteError
+from .optim import SGD
+from .optim.base import Optimizer, tensor_state, with_tensor_state
+from .space import Space
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass
+class InnerState:
+    """s_t: weights, optimizer state (step counter + tensors), BatchNorm-like buffers, step t."""
+
+    params: Params
+    opt: dict[str, Any]
+    buffers: Params
+    t: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, Params]:
+        """The differentiable part of the state: weights and optimizer tensors."""
+        return {"params": self.params, **tensor_state(self.opt)}
+
+    def replace_tensors(self, tensors: Mapping[str, Params]) -> InnerState:
+        """A copy with the differentiable part replaced (the inverse of `tensors`)."""
+        opt = with_tensor_state(self.opt, {k: v for k, v in tensors.items() if k != "params"})
+        return InnerState(dict(tensors["params"]), opt, self.buffers, self.t, dict(self.extra))
+
+    def detached(self) -> InnerState:
+        """A copy cut from any autograd graph."""
+        return self.replace_tensors(
+            {k: {n: x.detach() for n, x in d.items()} for k, d in self.tensors().items()})
+
+    def clone(self) -> InnerState:
+        """A deep copy of every tensor (for snapshots and rollback)."""
+        cl = {k: {n: x.detach().clone() for n, x in d.items()} for k, d in self.tensors().items()}
+        out = self.replace_tensors(cl)
+        out.buffers = {n: b.clone() for n, b in self.buffers.items()}
+        return out
+
+
+class Problem:
+    """A model, a loss, a differentiable optimizer, a space and replayable train/val data.
+
+    `loss(model_output, target)` is the per-batch loss; `regularizer(params, hp)` is added to
+    the training loss. BatchNorm running statistics are carried as state and updated in
+    training mode, never differentiated. dtype and device follow the model.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss: Callable = torch.nn.functional.cross_entropy,
+                 optimizer: Optimizer | None = None, space: Space | None = None, train=None,
+                 val=None, batch_size: int = 128, val_batch_size: int = 512, seed: int = 0,
+                 regularizer: Callable | None = None, test=None, eval_mode: bool = True):
+        if train is None or val is None:
+            raise DataError("hd.Problem needs both train= and val= datasets")
+        self.model = model
+        self.loss_fn = loss
+        self.optimizer = optimizer if optimizer is not None else SGD(lr=0.1)
+        self.space = space if space is not None else Space({})
+        self.regularizer = regularizer
+        self.seed = int(seed)
+        self.eval_mode = eval_mode
+        first = next(model.parameters(), None)
+        if first is None:
+            raise HyperparameterError("the model has no parameters to train")
+        self.dtype, self.device = first.dtype, first.device
+        self.params0: Params = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.buffers0: Params = {n: b.detach().clone() for n, b in model.named_buffers()}
+        self.bound = self.space.bind(model)
+        self._natural = self.bound.initial(dtype=self.dtype, device=self.device)
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size
+        self.train_data = self._batches(train, "train", batch_size, stream=0)
+        self.val_data = self._batches(val, "val", val_batch_size, stream=1)
+        self.test_data = None if test is None else self._batches(test, "test", val_batch_size, 2)
+        self._training: bool | None = None
+        self._check_space_names()
+
+    # -- data ----------------------------------------------------------------------------
+    def _batches(self, data, name, batch_size, stream):
+        pair = as_tensor_pair(data, name, self.device, self.dtype)
+        if pair is None:
+            return StreamBatches(data, name, self.device, self.dtype)
+        return ReplayableBatches(*pair, batch_size=batch_size, seed=self.seed, stream=stream)
+
+    @property
+    def replayable(self) -> bool:
+        return isinstance(self.train_data, ReplayableBatches)
+
+    def require_replayable(self, method: str) -> None:
+        """Refuse streaming data for methods that must replay batches (reverse, truncated...)."""
+        if not self.replayable:
+            raise DataError(
+                f"method {method!r} must replay training batches, but train= is an iterable "
+                f"(e.g. a DataLoader); give an (X, Y) tensor pair or an indexable dataset, or use "
+                f"method='forward' / 'greedy' / hd.OnlineTuner")
+
+    def train_batch(self, t: int) -> Batch:
+        """Training batch t (a pure function of (seed, t) for tensor data)."""
+        return self.train_data(t)
+
+    def val_batch(self, t: int) -> Batch:
+        """Validation batch t (the whole set when val_batch_size >= len(val))."""
+        return self.val_data(t)
+
+    # -- hyperparameters -------------------------------------------------------------------
+    def _check_space_names(self):
+        used = set(self.optimizer.hyperparameter_names)
+        for name in self.bound.real_names():
+            if name not in used and self.regularizer is None:
+                raise HyperparameterError(
+                    f"hyperparameter {name!r} is used neither by the optimizer "
+                    f"{type(self.optimizer).__name__} (which takes {sorted(used)}) nor by a "
+                    f"regularizer; rename it or pass regularizer=")
+
+    @property
+    def hparams(self) -> dict:
+        """Current natural values, in the value shapes of API.md."""
+        return {n: ({p: x.clone() for p, x in v.items()} if isinstance(v, dict)
+                    else v.clone() if isinstance(v, torch.Tensor) else v)
+                for n, v in self._natural.items()}
+
+    def set_hparams(self, values: Mapping[str, Any]) -> None:
+        """Set some or all hyperparameters (natural units); out-of-bounds values are refused."""
+        self._natural.update(self.bound.coerce(values, self._natural))
+
+    @property
+    def raw_hparams(self) -> dict:
+        """Current raw (unconstrained) coordinates of the Real hyperparameters."""
+        return self.bound.to_raw(self.real_hparams())
+
+    def set_raw_hparams(self, raw: Mapping[str, Any]) -> None:
+        """Set hyperparameters from raw coordinates (projected inside the bounds)."""
+        nat = self.bound.to_natural(self.bound.project_raw(raw))
+        self._natural.update({n: v for n, v in nat.items()})
+
+    def real_hparams(self) -> dict:
+        """Natural values of the differentiable (Real) hyperparameters only."""
+        return {n: v for n, v in self._natural.items() if self.bound.space[n].differentiable}
+
+    def hp_at(self, values: Mapping[str, Any], t: int, horizon: int) -> dict:
+        """The hyperparameter values step t of a `horizon`-step run uses."""
+        return self.bound.at_step(values, t, horizon)
+
+    # -- the pure functions Φ and E --------------------------------------------------------
+    def _set_mode(self, training: bool):
+        if self._training is not training:
+            self.model.train(training)
+            self._training = training
+
+    def forward(self, params: Params, buffers: Params, x: torch.Tensor, training: bool):
+        """Model output for weights `params`; in training mode buffers are updated in place."""
+        self._set_mode(training)
+        return functional_call(self.model, (params, buffers), (x,))
+
+    def train_loss(self, params: Params, buffers: Params, batch: Batch, hp: Mapping[str, Any]
+                   ) -> tuple[torch.Tensor, Params]:
+        """Training loss (plus regularizer) of a batch, and the updated buffers."""
+        new_buffers = {n: b.clone() for n, b in buffers.items()}
+        x, y = batch
+        loss = self.loss_fn(self.forward(params, new_buffers, x, True), y)
+        if self.regularizer is not None:
+            loss = loss + self.regularizer(params, hp)
+        return loss, new_buffers
+
+    def val_loss(self, params: Params, buffers: Params, batch: Batch) -> torch.Tensor:
+        """E: validation loss of a batch (eval mode unless eval_mode=False; buffers untouched)."""
+        x, y = batch
+        if self.eval_mode:
+            out = self.forward(params, buffers, x, False)
+        else:
+            out = self.forward(params, {n: b.clone() for n, b in buffers.items()}, x, True)
+        return self.loss_fn(out, y)
+
+    def init_state(self, params: Params | None = None) -> InnerState:
+        """s_0: the model's initial weights, a fresh optimizer state, the initial buffers."""
+        params = {n: p.clone() for n, p in (params or self.params0).items()}
+        opt = self.optimizer.init(params, hp_names=self.bound.real_names())
+        return InnerState(params, opt, {n: b.clone() for n, b in self.buffers0.items()}, 0)
+
+    def step(self, state: InnerState, batch: Batch, hp: Mapping[str, Any],
+             create_graph: bool = False) -> tuple[InnerState, torch.Tensor]:
+        """Φ: one optimizer step on the training loss; returns (s_{t+1}, training loss).
+
+        With create_graph=True the result stays differentiable w.r.t. s_t and every tensor in
+        `hp` (reverse mode); otherwise the step runs without building a graph.
+        """
+        params = state.params
+        if not create_graph:
+            params = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        elif any(not p.requires_grad for p in params.values()):
+            params = {n: p if p.requires_grad else p.detach().requires_grad_(True)
+                      for n, p in params.items()}
+        with torch.enable_grad():
+            loss, buffers = self.train_loss(params, state.buffers, batch, hp)
+            grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
+        grads = dict(zip(params, grads))
+        if create_graph:
+            new_params, new_opt = self.optimizer.update(params, state.opt, grads, hp)
+        else:
+            with torch.no_grad():
+                hp_d = {k: (v.detach() if isinstance(v, torch.Tensor) else
+                            {p: x.detach() for p, x in v.items()} if isinstance(v, dict) else v)
+                        for k, v in hp.items()}
+                new_params, new_opt = self.optimizer.update(
+                    {n: p.detach() for n, p in params.items()}, state.opt, grads, hp_d)
+        return InnerState(new_params, new_opt, buffers, state.t + 1), loss.detach()
+
+    def evaluate(self, params: Params, buffers: Params, which: str = "val") -> dict[str, float]:
+        """Loss and accuracy of the whole val or test split (no graph)."""
+        data = self.val_data if which == "val" else self.test_data
+        if data is None or not isinstance(data, ReplayableBatches):
+            raise DataError(f"no {which} split held as tensors to evaluate")
+        with torch.no_grad():
+            out = self.forward(params, buffers, data.x, False if self.eval_mode else True)
+            loss = self.loss_fn(out, data.y).item()
+            acc = (out.argmax(-1) == data.y).double().mean().item() if out.dim() > 1 else float(
+                "nan")
+        return {"loss": loss, "acc": acc}
+
+    def write_weights(self, params: Params, buffers: Params | None = None) -> torch.nn.Module:
+        """Copy weights (and buffers) into `self.model` and return it."""
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                p.copy_(params[n])
+            if buffers:
+                for n, b in self.model.named_buffers():
+                    b.copy_(buffers[n])
+        return self.model
+
+
+def check_finite(value: torch.Tensor, what: str) -> None:
+    """Raise NonFiniteError naming `what` when a tensor holds NaN or inf."""
+    if not torch.isfinite(value).all():
+        raise NonFiniteError(f"{what} is not finite ({value.detach().flatten()[:4].tolist()})")
