@@ -96,14 +96,17 @@ class Real(Hyperparameter):
         if kind == "log":
             lo = math.log(self.low)
             hi = math.log(self.high) if math.isfinite(self.high) else math.inf
-            return torch.exp(raw.clamp(lo, hi))
-        if kind == "logit":
-            return self.low + (self.high - self.low) * torch.sigmoid(raw)
-        if kind == "softplus_low":
-            return self.low + torch.nn.functional.softplus(raw)
-        if kind == "softplus_high":
-            return self.high - torch.nn.functional.softplus(raw)
-        return raw
+            value = torch.exp(raw.clamp(lo, hi))
+        elif kind == "logit":
+            value = self.low + (self.high - self.low) * torch.sigmoid(raw)
+        elif kind == "softplus_low":
+            value = self.low + torch.nn.functional.softplus(raw)
+        elif kind == "softplus_high":
+            value = self.high - torch.nn.functional.softplus(raw)
+        else:
+            return raw
+        # rounding in exp/sigmoid can land one ulp outside; the bounds are a promise
+        return value.clamp(self.low, self.high)
 
     def to_raw(self, value: torch.Tensor) -> torch.Tensor:
         """Raw coordinate of a natural value (inverse of `to_natural`)."""

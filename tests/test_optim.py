@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+import hyperdescent as hd
+
+
+def conv_net():
+    torch.manual_seed(3)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 3, 3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 4)
+    ).double()
+
+
+CASES = [
+    ("SGD", dict(lr=0.05)),
+    ("SGD", dict(lr=0.05, weight_decay=1e-2)),
+    ("SGD", dict(lr=0.05, momentum=0.9)),
+    ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=1e-3)),
+    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)),
+    ("Adam", dict(lr=1e-2)),
+    ("Adam", dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-2)),
+    ("AdamW", dict(lr=1e-2, weight_decay=0.1)),
+    ("RMSprop", dict(lr=1e-3)),
+    ("RMSprop", dict(lr=1e-3, alpha=0.9, momentum=0.8, weight_decay=1e-3)),
+    ("RMSprop", dict(lr=1e-3, centered=True, momentum=0.5)),
+]
+
+
+@pytest.mark.parametrize("name,kw", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
+def test_matches_torch_optim_for_100_steps(name, kw):
+    x = torch.randn(100, 16, 1, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 4, (100, 16))
+    ref = conv_net()
+    topt = getattr(torch.optim, name)(ref.parameters(), **kw)
+    model = conv_net()
+    opt = getattr(hd.optim, name)(**kw)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = opt.init(params)
+    for t in range(100):
+        topt.zero_grad()
+        torch.nn.functional.cross_entropy(ref(x[t]), y[t]).backward()
+        topt.step()
+        p = {n: v.requires_grad_(True) for n, v in params.items()}
+        loss = torch.nn.functional.cross_entropy(torch.func.functional_call(model, p, (x[t],)), y[t])
+        grads = dict(zip(p, torch.autograd.grad(loss, list(p.values()))))
+        with torch.no_grad():
+            params, state = opt.update({n: v.detach() for n, v in p.items()}, state, grads)
+    for n, p in ref.named_parameters():
+        rel = ((params[n] - p).norm() / p.norm()).item()
+        assert rel < 1e-10, (n, rel)
+
+
+HP_CASES = [
+    ("SGD", dict(momentum=0.9), ["lr", "momentum", "weight_decay", "dampening"]),
+    ("SGD", dict(momentum=0.9, nesterov=True), ["lr", "momentum", "weight_decay"]),
+    ("Adam", dict(), ["lr", "beta1", "beta2", "eps", "weight_decay"]),
+    ("AdamW", dict(), ["lr", "beta1", "weight_decay"]),
+    ("RMSprop", dict(momentum=0.5, centered=True), ["lr", "alpha", "momentum", "weight_decay"]),
+]
+
+
+@pytest.mark.parametrize("name,kw,hps", HP_CASES, ids=[c[0] for c in HP_CASES])
+@pytest.mark.parametrize("shape", ["scalar", "layer", "element"])
+def test_update_gradcheck_wrt_every_hyperparameter(name, kw, hps, shape):
+    torch.manual_seed(0)
+    params = {"a": torch.randn(3, 2, dtype=torch.float64), "b": torch.randn(2, dtype=torch.float64)}
+    opt = getattr(hd.optim, name)(**kw)
+    base = {"lr": 0.1, "momentum": 0.8, "weight_decay": 0.05, "dampening": 0.1, "beta1": 0.85,
+            "beta2": 0.95, "eps": 1e-3, "alpha": 0.9}
+
+    def make(v):
+        if shape == "scalar":
+            return torch.tensor(v, dtype=torch.float64)
+        if shape == "layer":
+            return {n: torch.tensor(v, dtype=torch.float64) for n in params}
+        return {n: torch.full(p.shape, v, dtype=torch.float64) for n, p in params.items()}
+
+    state = opt.init(params, hp_names=hps)
+    grads0 = {n: torch.randn_like(p) for n, p in params.items()}
+    hp0 = {h: make(base[h]) for h in hps}
+    params, state = opt.update(params, state, grads0, hp0)  # past step 0 so every path is live
+    grads = {n: torch.randn_like(p) for n, p in params.items()}
+    for h in hps:
+        leaf = hp0[h]
+        inputs = (leaf,) if isinstance(leaf, torch.Tensor) else tuple(leaf.values())
+        inputs = tuple(t.clone().requires_grad_(True) for t in inputs)
+
+        def f(*xs, h=h, leaf=leaf):
+            v = xs[0] if isinstance(leaf, torch.Tensor) else dict(zip(leaf, xs))
+            new_p, new_s = opt.update(params, state, grads, {**hp0, h: v})
+            return tuple(new_p.values()) + tuple(
+                x for d in new_s.values() if isinstance(d, dict) for x in d.values())
+
+        assert torch.autograd.gradcheck(f, inputs), h
+
+
+def test_unknown_optimizer_argument():
+    with pytest.raises(ValueError, match="unknown argument.*'mom'"):
+        hd.optim.SGD(mom=0.9)

@@ -1,0 +1,106 @@
+import pytest
+import torch
+from helpers import data, mlp
+
+import hyperdescent as hd
+from hyperdescent.errors import DataError, HyperparameterError
+
+
+def make(**kw):
+    x, y = data()
+    space = hd.Space({"lr": hd.Real(0.05, low=1e-4, high=1.0, log=True),
+                      "weight_decay": hd.Real(1e-3, low=1e-6, high=1.0, log=True, per="layer")})
+    args = dict(optimizer=hd.optim.SGD(momentum=0.9), space=space, train=(x, y),
+                val=(x[:10], y[:10]), batch_size=16, seed=5)
+    args.update(kw)
+    return hd.Problem(mlp(), **args)
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+    a, b = make(), make()
+    for t in [7, 0, 3, 7, 12, 2]:
+        xa, ya = a.train_batch(t)
+        xb, yb = b.train_batch(t)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    # each epoch is a permutation: 3 batches of 16 cover the 48 examples once
+    seen = torch.cat([a.train_data.indices(t) for t in range(3)])
+    assert sorted(seen.tolist()) == list(range(48))
+    assert not torch.equal(make(seed=6).train_batch(0)[0], a.train_batch(0)[0])
+
+
+def test_full_batch_when_batch_size_exceeds_data():
+    p = make(batch_size=1000)
+    x, _ = p.train_batch(5)
+    assert len(x) == 48
+
+
+def test_hparams_shapes_and_set():
+    p = make()
+    hp = p.hparams
+    assert hp["lr"].shape == () and set(hp["weight_decay"]) == {"0.weight", "0.bias", "2.weight",
+                                                                 "2.bias"}
+    p.set_hparams({"lr": 0.1, "weight_decay": {"0.weight": 0.5}})
+    assert p.hparams["lr"].item() == pytest.approx(0.1)
+    assert p.hparams["weight_decay"]["0.weight"].item() == pytest.approx(0.5)
+    assert p.hparams["weight_decay"]["2.bias"].item() == pytest.approx(1e-3)
+    with pytest.raises(HyperparameterError, match="'lr'.*outside its bounds"):
+        p.set_hparams({"lr": 3.0})
+    with pytest.raises(HyperparameterError, match="unknown hyperparameter 'beta'"):
+        p.set_hparams({"beta": 3.0})
+    with pytest.raises(HyperparameterError, match="unknown parameter name.*'nope'"):
+        p.set_hparams({"weight_decay": {"nope": 0.1}})
+
+
+def test_dtype_and_device_follow_the_model():
+    x, y = data()
+    p = hd.Problem(mlp().float(), optimizer=hd.optim.SGD(), space=hd.Space({}),
+                   train=(x, y), val=(x, y))
+    assert p.train_batch(0)[0].dtype == torch.float32
+    assert p.hparams == {}
+
+
+def test_data_errors():
+    x, y = data()
+    with pytest.raises(DataError, match="'train' has 48 inputs but 47 targets"):
+        make(train=(x, y[:-1]))
+    with pytest.raises(DataError, match="'val' is empty"):
+        make(val=(x[:0], y[:0]))
+    with pytest.raises(DataError, match="'train' is empty"):
+        make(train=torch.utils.data.TensorDataset(x[:0], y[:0]))
+
+
+def test_indexable_dataset_and_stream():
+    x, y = data()
+    ds = [(x[i], y[i]) for i in range(len(x))]
+    p = make(train=ds)
+    assert p.train_batch(0)[0].shape == (16, 5)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    s = make(train=loader)
+    assert not s.replayable
+    with pytest.raises(DataError, match="'reverse' must replay"):
+        hd.hypergrad(s, steps=3, method="reverse")
+    res = hd.hypergrad(s, steps=3, method="forward")
+    assert torch.isfinite(res.grad["lr"])
+
+
+def test_unused_hyperparameter_is_refused():
+    x, y = data()
+    with pytest.raises(HyperparameterError, match="'dropout' is used neither"):
+        hd.Problem(mlp(), optimizer=hd.optim.SGD(), train=(x, y), val=(x, y),
+                   space=hd.Space({"dropout": hd.Real(0.1, low=0.0, high=0.9)}))
+
+
+def test_step_matches_torch_optim():
+    p = make()
+    state = p.init_state()
+    ref = mlp()
+    opt = torch.optim.SGD([{"params": [prm], "weight_decay": 1e-3} for prm in ref.parameters()],
+                          lr=0.05, momentum=0.9)
+    for t in range(5):
+        state, _ = p.step(state, p.train_batch(t), p.hparams)
+        x, y = p.train_batch(t)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(ref(x), y).backward()
+        opt.step()
+    for n, prm in ref.named_parameters():
+        assert torch.allclose(state.params[n], prm, rtol=1e-12)
