@@ -1,6 +1,6 @@
 """hyperdescent: gradient-based hyperparameter optimization for PyTorch."""
 
-from . import optim
+from . import optim, tasks
 from .errors import DataError, HyperdescentError, HyperparameterError, NonFiniteError
 from .hypergrad import HypergradResult, hypergrad
 from .problem import InnerState, Problem
@@ -9,5 +9,5 @@ from .space import Categorical, Int, Piecewise, Real, Space
 __version__ = "0.1.0"
 
 __all__ = ["Space", "Real", "Int", "Categorical", "Piecewise", "Problem", "InnerState",
-           "optim", "hypergrad", "HypergradResult", "HyperdescentError", "HyperparameterError",
+           "optim", "tasks", "hypergrad", "HypergradResult", "HyperdescentError", "HyperparameterError",
            "DataError", "NonFiniteError"]

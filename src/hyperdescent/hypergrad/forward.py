@@ -30,27 +30,56 @@ class Column:
     block: int | None
     elem: int
     index: int  # flat position inside the leaf tensor
+    param: str | None = None  # the parameter a per-layer / per-parameter leaf belongs to
+    per: str = "global"
+
+
+@dataclass(frozen=True)
+class Tangent:
+    """One carried tangent column: the scalar hyperparameters whose directions it sums."""
+
+    members: tuple[Column, ...]
+
+    @property
+    def block(self) -> int | None:
+        return self.members[0].block
+
+    @property
+    def leaf(self) -> str:
+        return self.members[0].leaf
 
 
 class ForwardTangent:
     """Carries Z = ds/dλ alongside training; `step` advances both, `hypergrad` reads dE/dλ."""
 
-    def __init__(self, problem: Problem, horizon: int):
+    def __init__(self, problem: Problem, horizon: int, tangent: str = "exact"):
+        if tangent not in ("exact", "summed"):
+            raise ValueError(f"tangent={tangent!r} is not one of 'exact', 'summed'")
         self.problem = problem
         self.horizon = horizon
+        self.tangent = tangent
         self.like = problem.real_hparams()
         self.schedules: dict[str, object] = {}
-        self.columns: list[Column] = []
+        members: list[Column] = []
         for key, v in flatten(self.like).items():
-            name = key.split("/", 1)[0]
-            sched = problem.bound.space[name].schedule
-            self.schedules[key] = sched
-            K = 1 if sched is None else sched.K
+            name, _, pname = key.partition("/")
+            hp = problem.bound.space[name]
+            self.schedules[key] = hp.schedule
+            K = hp.K
             per_block = v.numel() // K
             for k in range(K):
                 for e in range(per_block):
-                    self.columns.append(Column(key, None if sched is None else k, e,
-                                               k * per_block + e))
+                    members.append(Column(key, None if hp.schedule is None else k, e,
+                                          k * per_block + e, pname or None, hp.per))
+        if tangent == "exact":
+            self.columns = [Tangent((m,)) for m in members]
+        else:
+            # OHO's cheaper variant: one tangent per (hyperparameter name, block) summed over
+            # layers/elements; each member reads it back restricted to its own parameter.
+            groups: dict[tuple, list[Column]] = {}
+            for m in members:
+                groups.setdefault((m.leaf.partition("/")[0], m.block), []).append(m)
+            self.columns = [Tangent(tuple(g)) for g in groups.values()]
         self.Z: list[StateTensors | None] = [None] * len(self.columns)
         self.hvps = 0
 
@@ -105,9 +134,11 @@ class ForwardTangent:
             if Zj is not None:
                 s = sum((g[n] * Zj["params"][n]).sum() for n in g)
                 self.hvps += 1
-            if direct and g_hp[col.leaf] is not None:
-                term = g_hp[col.leaf].reshape(-1)[col.elem]
-                s = term if s is None else s + term
+            if direct:
+                for m in col.members:
+                    if g_hp[m.leaf] is not None:
+                        term = g_hp[m.leaf].reshape(-1)[m.elem]
+                        s = term if s is None else s + term
             if s is not None and s.requires_grad:
                 dg = torch.autograd.grad(s, list(params.values()), retain_graph=True,
                                          allow_unused=True)
@@ -121,7 +152,8 @@ class ForwardTangent:
                   {k: {n: torch.zeros_like(x) for n, x in d.items()} for k, d in primal_o.items()})
             th = {k: torch.zeros_like(v) for k, v in primal_h.items()}
             if direct:
-                th[col.leaf].view(-1)[col.elem] = 1.0
+                for m in col.members:
+                    th[m.leaf].view(-1)[m.elem] = 1.0
             (new_params, new_opt), (dp, do) = jvp(update, (primal_p, primal_o, primal_g, primal_h),
                                                   (tp, to, dg, th))
             self.Z[j] = {"params": dp, **do}
@@ -144,9 +176,20 @@ class ForwardTangent:
         grads = {k: torch.zeros_like(v) for k, v in flatten(self.like).items()}
         for j, col in enumerate(self.columns):
             Zj = self.Z[j]
-            if Zj is not None:
-                grads[col.leaf].view(-1)[col.index] = sum(
-                    (c[n] * Zj["params"][n]).sum() for n in c)
+            if Zj is None:
+                continue
+            if len(col.members) == 1:
+                m = col.members[0]
+                grads[m.leaf].view(-1)[m.index] = sum((c[n] * Zj["params"][n]).sum() for n in c)
+                continue
+            for m in col.members:  # summed tangent: read back restricted to the member's part
+                if m.per == "layer":
+                    val = (c[m.param] * Zj["params"][m.param]).sum()
+                elif m.per == "parameter":
+                    val = c[m.param].reshape(-1)[m.elem] * Zj["params"][m.param].reshape(-1)[m.elem]
+                else:
+                    val = sum((c[n] * Zj["params"][n]).sum() for n in c)
+                grads[m.leaf].view(-1)[m.index] = val
         return value.item(), grads
 
     def tangent_norm(self) -> float:
@@ -166,10 +209,14 @@ class ForwardTangent:
         self.Z, self.hvps, self.horizon = sd["Z"], sd["hvps"], sd["horizon"]
 
 
-def forward(problem: Problem, steps: int, **_) -> HypergradResult:
-    """Forward-mode hypergradient after `steps` inner steps (memory constant in T)."""
+def forward(problem: Problem, steps: int, tangent: str = "exact", **_) -> HypergradResult:
+    """Forward-mode hypergradient after `steps` inner steps (memory constant in T).
+
+    tangent="summed" is OHO's approximation (one tangent per hyperparameter name, read back
+    per layer); it is exact only when the Hessian has no cross-layer blocks.
+    """
     with CostMeter(problem.device) as meter:
-        engine = ForwardTangent(problem, steps)
+        engine = ForwardTangent(problem, steps, tangent)
         leaves = natural_leaves(problem)
         state = problem.init_state()
         for t in range(steps):

@@ -30,14 +30,12 @@ def small_cnn(in_channels: int, image_size: int, widths: Sequence[int] = (16, 32
     return nn.Sequential(*layers)
 
 
-def seeded(build: Callable[[], nn.Module], default_seed: int = 0,
-           dtype: torch.dtype | None = None, device=None) -> Callable[..., nn.Module]:
-    """`make_model(seed)`: `build()` on the CPU under an RNG seeded by `seed`, then cast."""
+def seeded(build: Callable[[], nn.Module], default_seed: int = 0) -> Callable[..., nn.Module]:
+    """`make_model(seed)`: `build()` on the CPU under a private RNG seeded by `seed`."""
     def make_model(seed: int | None = None) -> nn.Module:
         """A fresh model whose initial weights depend only on `seed`."""
         seed = default_seed if seed is None else int(seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = build()
-        return model.to(device=device, dtype=dtype)
+            return build()
     return make_model
