@@ -151,8 +151,29 @@ def test_greedy_equals_analytic_one_step_formula():
 
 def test_forward_does_not_compute_unstarted_blocks():
     p = build("mlp-sgd-piecewise")
-    engine = hd.hypergrad.__globals__["ForwardTangent"](p, 6)
+    from hyperdescent.hypergrad.forward import ForwardTangent
+
+    engine = ForwardTangent(p, 6)
     leaves = {k: v.detach() for k, v in hd.space.flatten(p.real_hparams()).items()}
     state = p.init_state()
     state, _ = engine.step(state, p.train_batch(0), leaves, 0)
     assert [z is not None for z in engine.Z] == [True, False, False]
+
+
+@pytest.mark.parametrize("name", ["mlp-momentum-global", "mlp-nesterov-per-layer", "mlp-adam-betas",
+                                  "mlp-adamw", "mlp-rmsprop"])
+def test_hand_written_tangent_rules_equal_torch_func_jvp(name):
+    from hyperdescent.hypergrad.forward import ForwardTangent
+
+    p = build(name)
+    out = []
+    for use_rule in (True, False):
+        engine = ForwardTangent(p, STEPS)
+        engine.use_tangent_rule = use_rule
+        leaves = {k: v.detach() for k, v in hd.space.flatten(p.real_hparams()).items()}
+        state = p.init_state()
+        for t in range(STEPS):
+            state, _ = engine.step(state, p.train_batch(t), leaves, t)
+        out.append(torch.cat([z.reshape(-1) for Z in engine.Z for d in Z.values()
+                              for z in d.values()]))
+    assert torch.allclose(out[0], out[1], rtol=1e-10, atol=1e-14)

@@ -105,3 +105,15 @@ def test_project_raw_keeps_log_bounds():
     hp = hd.Real(0.1, low=1e-3, high=1.0, log=True)
     raw = torch.tensor([-50.0, 50.0])
     assert torch.allclose(hp.to_natural(hp.project_raw(raw)), torch.tensor([1e-3, 1.0]))
+
+
+@pytest.mark.parametrize("hp", BOUNDED, ids=lambda h: h.transform)
+def test_closed_form_dnatural_matches_autograd(hp):
+    raw = torch.linspace(-5, 5, 11, dtype=torch.float64).requires_grad_(True)
+    inside = raw.detach()
+    if hp.transform == "log":
+        raw = (torch.linspace(0.1, 0.9, 11, dtype=torch.float64)
+               * (math.log(hp.high) - math.log(hp.low)) + math.log(hp.low)).requires_grad_(True)
+        inside = raw.detach()
+    (g,) = torch.autograd.grad(hp.to_natural(raw).sum(), raw)
+    assert torch.allclose(hp.dnatural_draw(inside), g, rtol=1e-12)

@@ -5,9 +5,10 @@ from .errors import DataError, HyperdescentError, HyperparameterError, NonFinite
 from .hypergrad import HypergradResult, hypergrad
 from .problem import InnerState, Problem
 from .space import Categorical, Int, Piecewise, Real, Space
+from .tuners import OnlineTuner, Schedule
 
 __version__ = "0.1.0"
 
-__all__ = ["Space", "Real", "Int", "Categorical", "Piecewise", "Problem", "InnerState",
+__all__ = ["Space", "Real", "Int", "Categorical", "Piecewise", "Problem", "OnlineTuner", "Schedule", "InnerState",
            "optim", "tasks", "hypergrad", "HypergradResult", "HyperdescentError", "HyperparameterError",
            "DataError", "NonFiniteError"]

@@ -74,3 +74,16 @@ class Optimizer:
 def is_zero(v) -> bool:
     """True for a fixed (non-tensor) value equal to zero, so work can be skipped exactly."""
     return not isinstance(v, torch.Tensor) and v == 0
+
+
+def tangent_value(dhp: Mapping[str, Any] | None, name: str, pname: str):
+    """The tangent of hyperparameter `name` for parameter `pname`; 0.0 where it has none."""
+    if dhp is None or name not in dhp:
+        return 0.0
+    v = dhp[name]
+    return v[pname] if isinstance(v, dict) else v
+
+
+def sqrt_tangent(root: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """d sqrt(x) = dx / (2 sqrt(x)), taken as 0 where sqrt(x) = 0 (a zero second moment)."""
+    return torch.where(root > 0, d / (2 * root.clamp_min(1e-300)), torch.zeros_like(d))

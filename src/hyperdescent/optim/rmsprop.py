@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Optimizer, Params, State, is_zero
+from .base import Optimizer, Params, State, is_zero, sqrt_tangent, tangent_value
 
 
 class RMSprop(Optimizer):
@@ -54,3 +54,49 @@ class RMSprop(Optimizer):
         if "momentum_buffer" in state:
             new_state["momentum_buffer"] = out_buf
         return out_p, new_state
+
+    def tangent(self, params: Params, state: State, grads: Params, hp, dparams: Params,
+                dstate: dict, dgrads: Params, dhp) -> tuple[Params, dict]:
+        """Exact JVP of `update` w.r.t. (params, averages, grads, hp) (forward mode)."""
+        centered = self.fixed["centered"]
+        out_p, out_sq, out_ga, out_buf = {}, {}, {}, {}
+        for n, p in params.items():
+            g, dg = grads[n], dgrads[n]
+            wd, dwd = self.value(hp, "weight_decay", n), tangent_value(dhp, "weight_decay", n)
+            if not is_zero(wd) or not is_zero(dwd):
+                g, dg = g + wd * p, dg + dwd * p + wd * dparams[n]
+            a, da = self.value(hp, "alpha", n), tangent_value(dhp, "alpha", n)
+            eps, deps = self.value(hp, "eps", n), tangent_value(dhp, "eps", n)
+            sq0, dsq0 = state["square_avg"][n], dstate["square_avg"][n]
+            sq = a * sq0 + (1 - a) * g * g
+            dsq = da * (sq0 - g * g) + a * dsq0 + 2 * (1 - a) * g * dg
+            out_sq[n] = dsq
+            if centered:
+                ga0, dga0 = state["grad_avg"][n], dstate["grad_avg"][n]
+                ga = ga0 + (1 - a) * (g - ga0)
+                dga = da * (ga0 - g) + a * dga0 + (1 - a) * dg
+                out_ga[n] = dga
+                root = torch.sqrt(sq - ga * ga)
+                davg = sqrt_tangent(root, dsq - 2 * ga * dga) + deps
+            else:
+                root = torch.sqrt(sq)
+                davg = sqrt_tangent(root, dsq) + deps
+            avg = root + eps
+            q = g / avg
+            dq = dg / avg - g * davg / (avg * avg)
+            lr, dlr = self.value(hp, "lr", n), tangent_value(dhp, "lr", n)
+            if "momentum_buffer" in state:
+                mu, dmu = self.value(hp, "momentum", n), tangent_value(dhp, "momentum", n)
+                b0, db0 = state["momentum_buffer"][n], dstate["momentum_buffer"][n]
+                buf = mu * b0 + q
+                dbuf = dmu * b0 + mu * db0 + dq
+                out_buf[n] = dbuf
+                out_p[n] = dparams[n] - dlr * buf - lr * dbuf
+            else:
+                out_p[n] = dparams[n] - dlr * q - lr * dq
+        out = {"square_avg": out_sq}
+        if centered:
+            out["grad_avg"] = out_ga
+        if "momentum_buffer" in state:
+            out["momentum_buffer"] = out_buf
+        return out_p, out

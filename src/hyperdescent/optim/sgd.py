@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Optimizer, Params, State, is_zero
+from .base import Optimizer, Params, State, is_zero, tangent_value
 
 
 class SGD(Optimizer):
@@ -45,3 +45,34 @@ class SGD(Optimizer):
         if use_momentum:
             new_state["momentum_buffer"] = new_buf
         return new_params, new_state
+
+    def tangent(self, params: Params, state: State, grads: Params, hp, dparams: Params,
+                dstate: dict, dgrads: Params, dhp) -> tuple[Params, dict]:
+        """Exact JVP of `update` w.r.t. (params, state tensors, grads, hp) (forward mode)."""
+        nesterov = self.fixed["nesterov"]
+        use_momentum = "momentum_buffer" in state
+        first = state["step"] == 0
+        out_p, out_b = {}, {}
+        for n, p in params.items():
+            d, dd = grads[n], dgrads[n]
+            wd, dwd = self.value(hp, "weight_decay", n), tangent_value(dhp, "weight_decay", n)
+            if not is_zero(wd) or not is_zero(dwd):
+                d, dd = d + wd * p, dd + dwd * p + wd * dparams[n]
+            if use_momentum:
+                mu, dmu = self.value(hp, "momentum", n), tangent_value(dhp, "momentum", n)
+                if first:
+                    buf, dbuf = d, dd
+                else:
+                    damp = self.value(hp, "dampening", n)
+                    ddamp = tangent_value(dhp, "dampening", n)
+                    b0, db0 = state["momentum_buffer"][n], dstate["momentum_buffer"][n]
+                    buf = mu * b0 + (1 - damp) * d
+                    dbuf = dmu * b0 + mu * db0 + (1 - damp) * dd - ddamp * d
+                out_b[n] = dbuf
+                if nesterov:
+                    d, dd = d + mu * buf, dd + dmu * buf + mu * dbuf
+                else:
+                    d, dd = buf, dbuf
+            lr, dlr = self.value(hp, "lr", n), tangent_value(dhp, "lr", n)
+            out_p[n] = dparams[n] - dlr * d - lr * dd
+        return out_p, ({"momentum_buffer": out_b} if use_momentum else {})

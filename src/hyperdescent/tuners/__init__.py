@@ -1,0 +1,6 @@
+"""Tuners own a meta-optimizer over raw λ and a history; they never re-implement a hypergradient."""
+
+from .online import OnlineTuner
+from .schedule import Schedule
+
+__all__ = ["OnlineTuner", "Schedule"]
