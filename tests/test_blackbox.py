@@ -231,10 +231,10 @@ def test_hyperband_with_threads_and_sqlite(tmp_path):
     # slow storage race there ("This line should be unreachable"). search() guards it.
     task = tiny_task(steps=20)
     space = Space({"lr": Real(0.1, low=1e-5, high=1.0, log=True)})
-    study = search(task_objective(task, eval_every=2), space, sampler="tpe", n_trials=12,
+    study = search(task_objective(task, eval_every=4), space, sampler="tpe", n_trials=10,
                    n_jobs=3, pruner="hyperband", storage=f"sqlite:///{tmp_path}/h.db")
     assert isinstance(study.pruner, optuna.pruners.HyperbandPruner)
-    assert len(study.trials) == 12
+    assert len(study.trials) == 10
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
 
 
