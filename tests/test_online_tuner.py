@@ -127,6 +127,7 @@ def test_diverging_loss_rolls_back_and_halves_meta_lr():
     tuner.run(12)
     assert tuner.rollbacks == 1
     assert tuner.meta_lr == pytest.approx(0.05)
+    assert tuner.events[0]["event"] == "rollback"
     assert [r["step"] for r in tuner.history] == list(range(12))
     assert all(math.isfinite(v.item()) for v in tuner.hparams.values())
 

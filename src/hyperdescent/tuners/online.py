@@ -53,7 +53,8 @@ class OnlineTuner:
                  meta_lr: float = 0.05, hyper_every: int = 1, reset_every: int | None = None,
                  tune_on: str = "val", clip: float | None = 1.0, tangent: str = "exact",
                  window: int = 10, horizon: int | None = None, spike_factor: float = 5.0,
-                 snapshot_every: int = 25, max_rollbacks: int = 20):
+                 snapshot_every: int = 25, max_rollbacks: int = 20,
+                 backtrack: tuple[str, ...] = ("lr",)):
         if method not in METHODS:
             raise ValueError(f"method={method!r} is not one of {METHODS}")
         if meta_optimizer not in META_OPTIMIZERS:
@@ -72,7 +73,7 @@ class OnlineTuner:
                            hyper_every=hyper_every, reset_every=reset_every, tune_on=tune_on,
                            clip=clip, tangent=tangent, window=window, horizon=horizon,
                            spike_factor=spike_factor, snapshot_every=snapshot_every,
-                           max_rollbacks=max_rollbacks)
+                           max_rollbacks=max_rollbacks, backtrack=tuple(backtrack))
         self.horizon = horizon or 1000
         self.like = problem.real_hparams()
         raw = flatten(problem.bound.to_raw(self.like))
@@ -222,6 +223,7 @@ class OnlineTuner:
         with torch.no_grad():
             for k, p in self.raw.items():
                 p.copy_(snap["raw"][k])
+        self._backtrack_step_sizes()
         self.meta = self._make_meta(self.meta_lr)
         meta_state = copy.deepcopy(snap["meta"])
         meta_state["param_groups"][0]["lr"] = self.meta_lr
@@ -232,6 +234,25 @@ class OnlineTuner:
                  "train_loss": record["train_loss"], "meta_lr": self.meta_lr}
         self.events.append(event)
         return {**record, **event}
+
+    def _backtrack_step_sizes(self) -> None:
+        """Halve learning-rate hyperparameters after a divergence (backtracking line search):
+        the snapshot's values may already be past the stability edge, and replaying them with a
+        smaller meta learning rate alone would diverge again."""
+        names = [n for n in self.like if n in self.config["backtrack"]]
+        if not names:
+            return
+        raw = unflatten({k: v.detach() for k, v in self.raw.items()}, self.like)
+        nat = self.problem.bound.to_natural(raw)
+        for n in names:
+            hp = self.problem.bound.space[n]
+            v = nat[n]
+            nat[n] = ({p: (x * 0.5).clamp(hp.low, hp.high) for p, x in v.items()}
+                      if isinstance(v, dict) else (v * 0.5).clamp(hp.low, hp.high))
+        new_raw = flatten(self.problem.bound.to_raw({n: nat[n] for n in names}))
+        with torch.no_grad():
+            for k, x in new_raw.items():
+                self.raw[k].copy_(x)
 
     # -- driving -------------------------------------------------------------------------
     def run(self, steps: int, callback=None) -> OnlineTuner:
