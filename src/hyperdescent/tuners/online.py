@@ -52,7 +52,8 @@ class OnlineTuner:
     def __init__(self, problem: Problem, method: str = "forward", meta_optimizer: str = "adam",
                  meta_lr: float = 0.05, hyper_every: int = 1, reset_every: int | None = None,
                  tune_on: str = "val", clip: float | None = 1.0, tangent: str = "exact",
-                 window: int = 10, horizon: int | None = None, spike_factor: float = 5.0,
+                 window: int = 10, horizon: int | None = None, spike_factor: float = 3.0,
+                 trend_factor: float = 1.2,
                  snapshot_every: int = 25, max_rollbacks: int = 20,
                  backtrack: tuple[str, ...] = ("lr",)):
         if method not in METHODS:
@@ -72,7 +73,8 @@ class OnlineTuner:
         self.config = dict(method=method, meta_optimizer=meta_optimizer, meta_lr=meta_lr,
                            hyper_every=hyper_every, reset_every=reset_every, tune_on=tune_on,
                            clip=clip, tangent=tangent, window=window, horizon=horizon,
-                           spike_factor=spike_factor, snapshot_every=snapshot_every,
+                           spike_factor=spike_factor, trend_factor=trend_factor,
+                           snapshot_every=snapshot_every,
                            max_rollbacks=max_rollbacks, backtrack=tuple(backtrack))
         self.horizon = horizon or 1000
         self.like = problem.real_hparams()
@@ -88,8 +90,10 @@ class OnlineTuner:
         self.t = 0
         self.elapsed = 0.0
         self.rollbacks = 0
-        self._smooth = self._first = None
-        self._snapshot = None
+        self._smooth = self._first = self._best_smooth = None
+        # two snapshots: the newer one may already hold a state that is about to blow up, so
+        # a rollback returns to the older one, validated by `snapshot_every` healthy steps
+        self._snapshots: deque = deque(maxlen=2)
         self._take_snapshot()
 
     # -- hyperparameters -----------------------------------------------------------------
@@ -189,24 +193,31 @@ class OnlineTuner:
 
     # -- stability guards ----------------------------------------------------------------
     def _spiked(self, loss: float) -> bool:
-        """A loss far above its running average (floored relative to the first loss), or above
-        three times the first loss, is a divergence."""
+        """Divergence: a batch loss far above the running average, above three times the
+        first loss, or a running average that climbed well above its best (a slow blow-up
+        that kills ReLUs without any single spike)."""
         if self._smooth is None:
             self._smooth = self._first = loss
+            self._best_smooth = loss
             return False
         floor = 0.02 * self._first
-        spiked = self.t > 5 and (loss > self.config["spike_factor"] * max(self._smooth, floor)
-                                 or loss > 3 * self._first)
+        ema = 0.9 * self._smooth + 0.1 * loss
+        spiked = self.t > 5 and (
+            loss > self.config["spike_factor"] * max(self._smooth, floor)
+            or loss > 3 * self._first
+            or (self.t > 20 and ema > self.config["trend_factor"] * self._best_smooth + floor))
         if not spiked:
-            self._smooth = 0.9 * self._smooth + 0.1 * loss
+            self._smooth = ema
+            self._best_smooth = min(self._best_smooth, ema)
         return spiked
 
     def _take_snapshot(self) -> None:
-        self._snapshot = {
+        self._snapshots.append({
             "t": self.t, "state": self.state.clone(), "Z": copy.deepcopy(self.engine.Z),
             "raw": {k: v.detach().clone() for k, v in self.raw.items()},
             "meta": copy.deepcopy(self.meta.state_dict()), "history_len": len(self.history),
-            "window": list(self.window)}
+            "window": list(self.window),
+            "smooth": (self._smooth, self._first, self._best_smooth)})
 
     def _rollback(self, record: dict[str, Any]) -> dict[str, Any]:
         """Diverging inner loss: restore the last good state and halve the meta learning rate."""
@@ -214,7 +225,10 @@ class OnlineTuner:
             raise FloatingPointError(
                 f"inner training diverged {self.rollbacks} times (train loss "
                 f"{record['train_loss']}); lower meta_lr or start from a smaller learning rate")
-        snap = self._snapshot
+        snap = self._snapshots[0]
+        self._snapshots.clear()
+        self._snapshots.append(snap)
+        self._smooth, self._first, self._best_smooth = snap["smooth"]
         self.rollbacks += 1
         self.meta_lr *= 0.5
         self.t = snap["t"]
@@ -282,7 +296,7 @@ class OnlineTuner:
                 "raw": {k: v.detach().clone() for k, v in self.raw.items()},
                 "meta_lr": self.meta_lr, "meta": self.meta.state_dict(),
                 "history": self.history, "events": self.events, "rollbacks": self.rollbacks,
-                "smooth": (self._smooth, self._first), "window": list(self.window)}
+                "smooth": (self._smooth, self._first, self._best_smooth), "window": list(self.window)}
 
     def save(self, path: str | Path) -> None:
         """Write the whole tuner state to `path` (atomically)."""
@@ -306,7 +320,7 @@ class OnlineTuner:
         tuner.meta = tuner._make_meta(tuner.meta_lr)
         tuner.meta.load_state_dict(sd["meta"])
         tuner.history, tuner.events, tuner.rollbacks = sd["history"], sd["events"], sd["rollbacks"]
-        tuner._smooth, tuner._first = sd["smooth"]
+        tuner._smooth, tuner._first, tuner._best_smooth = sd["smooth"]
         tuner.window = deque(sd["window"], maxlen=sd["config"]["window"])
         tuner._take_snapshot()
         return tuner
