@@ -17,6 +17,9 @@ import torch
 
 import hyperdescent as hd
 
+BENCH_ARGS = []  # what `make bench` (benchmarks/run_all.py) passes
+BENCH_QUICK_ARGS = ["--tasks", "digits_mlp", "--steps", "100", "--meta-lrs", "0.03", "--resets", "50"]
+
 
 def oho_run(task, lr0, steps, seed=0, **tuner_kw):
     """Final test loss/acc of one OHO run from initial learning rate lr0."""

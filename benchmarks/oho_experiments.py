@@ -21,6 +21,10 @@ import hyperdescent as hd
 RESULTS = Path(__file__).parent / "results"
 
 
+BENCH_ARGS = ["all"]  # what `make bench` (benchmarks/run_all.py) passes
+BENCH_QUICK_ARGS = ["overhead", "--seeds", "1", "--steps", "100", "--tasks", "digits_mlp"]
+
+
 def make_problem(task, seed, lr0, wd0=1e-4, per="global"):
     """A Problem on a bundled task with lr and weight decay declared as log-scale Reals."""
     space = hd.Space({"lr": hd.Real(lr0, low=1e-5, high=2.0, log=True, per=per),

@@ -1,7 +1,13 @@
 """hyperdescent: gradient-based hyperparameter optimization for PyTorch."""
 
-from . import optim, tasks
-from .errors import DataError, HyperdescentError, HyperparameterError, NonFiniteError
+from . import blackbox, experiment, optim, report, tasks
+from .errors import (
+    ConfigError,
+    DataError,
+    HyperdescentError,
+    HyperparameterError,
+    NonFiniteError,
+)
 from .hypergrad import HypergradResult, hypergrad
 from .problem import InnerState, Problem
 from .space import Categorical, Int, Piecewise, Real, Space
@@ -10,5 +16,5 @@ from .tuners import OnlineTuner, Schedule
 __version__ = "0.1.0"
 
 __all__ = ["Space", "Real", "Int", "Categorical", "Piecewise", "Problem", "OnlineTuner", "Schedule", "InnerState",
-           "optim", "tasks", "hypergrad", "HypergradResult", "HyperdescentError", "HyperparameterError",
+           "optim", "tasks", "blackbox", "experiment", "report", "ConfigError", "hypergrad", "HypergradResult", "HyperdescentError", "HyperparameterError",
            "DataError", "NonFiniteError"]

@@ -50,7 +50,7 @@ class OnlineTuner:
     """
 
     def __init__(self, problem: Problem, method: str = "forward", meta_optimizer: str = "adam",
-                 meta_lr: float = 0.05, hyper_every: int = 1, reset_every: int | None = None,
+                 meta_lr: float = 0.03, hyper_every: int = 1, reset_every: int | None = 50,
                  tune_on: str = "val", clip: float | None = 1.0, tangent: str = "exact",
                  window: int = 10, horizon: int | None = None, spike_factor: float = 3.0,
                  trend_factor: float = 1.2,
@@ -200,10 +200,12 @@ class OnlineTuner:
             self._smooth = self._first = loss
             self._best_smooth = loss
             return False
-        floor = 0.02 * self._first
+        floor = 0.05 * self._first
         ema = 0.9 * self._smooth + 0.1 * loss
         spiked = self.t > 5 and (
-            loss > self.config["spike_factor"] * max(self._smooth, floor)
+            # one batch may be hard (replaying it gives the same loss), so a single loss only
+            # counts as a spike once it is also above where training started
+            loss > max(self.config["spike_factor"] * max(self._smooth, floor), self._first)
             or loss > 3 * self._first
             or (self.t > 20 and ema > self.config["trend_factor"] * self._best_smooth + floor))
         if not spiked:
@@ -222,6 +224,15 @@ class OnlineTuner:
     def _rollback(self, record: dict[str, Any]) -> dict[str, Any]:
         """Diverging inner loss: restore the last good state and halve the meta learning rate."""
         if self.rollbacks >= self.config["max_rollbacks"]:
+            # past the limit the guard stands aside: the run goes on and keeps its results
+            if math.isfinite(record["train_loss"]):
+                event = {"step": record["step"], "event": "guard_exhausted",
+                         "train_loss": record["train_loss"]}
+                if not any(e["event"] == "guard_exhausted" for e in self.events):
+                    self.events.append(event)
+                record["wall_time"] = self.elapsed
+                self.history.append(record)
+                return record
             raise FloatingPointError(
                 f"inner training diverged {self.rollbacks} times (train loss "
                 f"{record['train_loss']}); lower meta_lr or start from a smaller learning rate")
