@@ -1,0 +1,99 @@
+"""Wall time to reach a target validation loss: OHO vs random search vs TPE (seed 000 vs 004).
+
+The target is the median over seeds of TPE's final best validation loss after 30 trials of
+`--trial-steps` steps; every method's clock is measured by the experiment harness (a black-box
+trial is charged all its steps). OHO runs one training run of `--oho-steps` steps.
+
+Run: .venv/bin/python benchmarks/time_to_target.py [--seeds 5] [--trials 30]
+Writes benchmarks/results/time_to_target.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import hyperdescent as hd
+
+RESULTS = Path(__file__).parent / "results"
+BENCH_ARGS: list[str] = []
+BENCH_QUICK_ARGS = ["--seeds", "1", "--trials", "4", "--oho-steps", "200"]
+
+
+def config(name, steps, methods, seeds, budget):
+    """A harness config as TOML text."""
+    lines = [f'name = "{name}"', 'task = "digits_mlp"', f"seeds = {seeds}", f"steps = {steps}",
+             "[budget]", *[f"{k} = {v}" for k, v in budget.items()]]
+    for label, kind, settings in methods:
+        lines += ["[[methods]]", f'label = "{label}"', f'kind = "{kind}"']
+        if settings:
+            lines.append("settings = { " + ", ".join(f"{k} = {v}" for k, v in settings.items())
+                         + " }")
+    return "\n".join(lines) + "\n"
+
+
+def run(text, out):
+    """Run one harness config; return its metrics records."""
+    path = Path(out).with_suffix(".toml")
+    path.write_text(text)
+    run_dir = hd.experiment.compare(hd.experiment.load_config(path), out=out, progress=False)
+    with open(Path(run_dir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def time_to(records, method, seed, target):
+    """First measured elapsed time at which the best val loss <= target (None if never)."""
+    for r in records:
+        if r.get("method") == method and r.get("seed") == seed and \
+                r.get("best_val_loss") is not None and r["best_val_loss"] <= target:
+            return r["elapsed_s"]
+    return None
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--trials", type=int, default=30)
+    ap.add_argument("--trial-steps", type=int, default=300)
+    ap.add_argument("--oho-steps", type=int, default=1500)
+    args = ap.parse_args(argv)
+    seeds = list(range(args.seeds))
+    with tempfile.TemporaryDirectory() as tmp:
+        bb = run(config("bb", args.trial_steps, [("random", "random", {}), ("TPE", "tpe", {})],
+                        seeds, {"trials": args.trials}), Path(tmp) / "bb")
+        oho = run(config("oho", args.oho_steps, [("OHO", "oho", {})], seeds,
+                         {"inner_steps": args.oho_steps}), Path(tmp) / "oho")
+    records = bb + oho
+
+    def final_best(method, seed):
+        vals = [r["best_val_loss"] for r in records if r.get("method") == method
+                and r.get("seed") == seed and r.get("best_val_loss") is not None]
+        return min(vals) if vals else None
+
+    target = statistics.median(final_best("TPE", s) for s in seeds)
+    table = {}
+    for method in ("OHO", "random", "TPE"):
+        times = [time_to(records, method, s, target) for s in seeds]
+        reached = [t for t in times if t is not None]
+        table[method] = {"times_s": times, "reached": len(reached),
+                         "median_s": statistics.median(t if t is not None else float("inf")
+                                                       for t in times),
+                         "final_best": [final_best(method, s) for s in seeds]}
+    speedup = table["TPE"]["median_s"] / table["OHO"]["median_s"]
+    result = {"target_val_loss": target, "methods": table, "oho_speedup_vs_tpe": speedup,
+              "args": vars(args)}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "time_to_target.json").write_text(json.dumps(result, indent=1))
+    print(f"target val loss (median TPE best of {args.trials} trials): {target:.4f}")
+    for method, row in table.items():
+        print(f"{method:7s} reached {row['reached']}/{len(seeds)}  median time "
+              f"{row['median_s']:.2f}s  times {row['times_s']}")
+    print(f"OHO speed-up over TPE (median time to target): {speedup:.2f}x")
+    return result
+
+
+if __name__ == "__main__":
+    main()
