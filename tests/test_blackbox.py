@@ -340,3 +340,13 @@ def test_sqlite_storage_continues_across_processes(tmp_path):
     # the second process continued the sampler rather than replaying the first trials
     first = [t.params for t in study.trials[:3]]
     assert all(t.params not in first for t in study.trials[3:])
+
+
+def test_divergence_is_a_penalty_for_samplers_that_ignore_pruned_trials():
+    space = Space({"lr": Real(1e4, low=1e4, high=1e5, log=True),
+                   "momentum": Real(0.9, low=0.85, high=0.95)})
+    study = search(task_objective(tiny_task(steps=20, regression=True)), space, sampler="gp",
+                   n_trials=2, seed=0)
+    assert {t.state for t in study.trials} == {TrialState.COMPLETE}
+    assert all(t.user_attrs["diverged"] for t in study.trials)
+    assert all(math.isfinite(t.value) for t in study.trials)

@@ -236,7 +236,7 @@ class TaskObjective:
             optimizer.zero_grad(set_to_none=True)
             loss = task.loss(model(xtr[idx]), ytr[idx])
             if not torch.isfinite(loss.detach()):
-                return self._diverged(trial, attrs, finish, t, val_acc,
+                return self._diverged(trial, attrs, finish, curve, t, val_acc,
                                       f"training loss became {loss.item()} at step {t}")
             loss.backward()
             optimizer.step()
@@ -245,7 +245,7 @@ class TaskObjective:
                 val_loss, val_acc = evaluate(model, task.loss, xva, yva)
                 record(done, val_loss)
                 if not math.isfinite(val_loss):
-                    return self._diverged(trial, attrs, finish, done, val_acc,
+                    return self._diverged(trial, attrs, finish, curve, done, val_acc,
                                           f"validation loss became {val_loss} after step {done}")
                 if trial is not None:
                     trial.report(val_loss, step=done)
@@ -259,12 +259,21 @@ class TaskObjective:
         finish(T, val_acc)
         return val_loss
 
-    @staticmethod
-    def _diverged(trial, attrs, finish, step, val_acc, why) -> float:
+    #: "prune": a diverged trial is pruned (TPE ranks it below completed ones);
+    #: "penalty": it completes with the worst finite validation loss it saw, so that
+    #: samplers that ignore pruned trials (GP, CMA-ES) learn to avoid the region.
+    on_divergence = "prune"
+
+    def _diverged(self, trial, attrs, finish, curve, step, val_acc, why) -> float:
         attrs.update(diverged=True, pruned_by="divergence")
         finish(step, val_acc)
         if trial is None:
             return math.inf
+        finite = [v for _, v, _ in curve if math.isfinite(v)]
+        if self.on_divergence == "penalty" and finite:
+            attrs["pruned_by"] = None
+            trial.set_user_attr("pruned_by", None)
+            return max(finite)
         raise optuna.TrialPruned(f"diverged: {why}")
 
 
