@@ -21,6 +21,7 @@ test: setup lint
 	OMP_NUM_THREADS=2 $(PY) -m pytest
 
 bench: setup
+	$(PIP) install -q -e '.[dev,bench]'
 	$(PY) benchmarks/run_all.py
 
 lint: setup
