@@ -118,6 +118,10 @@ def evaluate(model: torch.nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor
     return total / max(n, 1), (correct / max(n, 1) if have_acc else None)
 
 
+#: Optuna samplers that learn nothing from pruned trials (GP-BO, CMA-ES)
+SAMPLERS_IGNORING_PRUNED = ("gp", "cmaes")
+
+
 class TaskObjective:
     """Callable objective(values, trial) -> final val loss of `task` trained with torch.optim.
 
@@ -263,6 +267,10 @@ class TaskObjective:
     #: "penalty": it completes with the worst finite validation loss it saw, so that
     #: samplers that ignore pruned trials (GP, CMA-ES) learn to avoid the region.
     on_divergence = "prune"
+
+    def set_divergence_policy(self, sampler) -> None:
+        """Penalize rather than prune diverged trials for samplers that ignore pruned ones."""
+        self.on_divergence = "penalty" if sampler in SAMPLERS_IGNORING_PRUNED else "prune"
 
     def _diverged(self, trial, attrs, finish, curve, step, val_acc, why) -> float:
         attrs.update(diverged=True, pruned_by="divergence")

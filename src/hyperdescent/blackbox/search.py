@@ -175,9 +175,8 @@ def search(objective: Objective, space: Space | BoundSpace,
         if n_existing and not isinstance(sampler, optuna.samplers.BaseSampler):
             study.sampler = build_sampler(_continued_seed(seed, n_existing))
 
-        if sampler in ("gp", "cmaes") and hasattr(objective, "on_divergence"):
-            # these samplers ignore pruned trials: a diverged point must carry a value
-            objective.on_divergence = "penalty"
+        if hasattr(objective, "set_divergence_policy"):
+            objective.set_divergence_policy(sampler)
 
         def wrapped(trial: optuna.Trial) -> float:
             flat = {dim: _suggest(trial, dim, d) for dim, d in dists.items()}

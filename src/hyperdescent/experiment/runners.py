@@ -247,6 +247,8 @@ def run_blackbox(task: Task, cfg: Config, method: Method, seed: int, log: Log) -
         return _budget_left(cfg, time.perf_counter() - t0, state["inner"] + step_in_trial) \
             is not None
 
+    objective.set_divergence_policy(method.kind)
+
     def wrapped(values: dict[str, Any], trial: optuna.Trial) -> float:
         bt = _BudgetTrial(trial, over_budget)
         try:
