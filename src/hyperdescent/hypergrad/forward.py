@@ -138,18 +138,25 @@ class ForwardTangent:
             Zj = self.Z[j]
             if Zj is None and not direct:
                 continue  # a block that has not started (or a reset, finished block)
-            s = None
+            # dg = H·Zθ + ∂²L/∂θ∂λ_j in one backward: g's vector-Jacobian product with Zθ
+            # (the Hessian is symmetric), plus the gradient of ∂L/∂λ_j for regularizer columns
+            outputs, grad_outputs = [], []
             if Zj is not None:
-                s = sum((g[n] * Zj["params"][n]).sum() for n in g)
                 self.hvps += 1
+                for n, gn in g.items():
+                    if gn.requires_grad:
+                        outputs.append(gn)
+                        grad_outputs.append(Zj["params"][n])
             if direct:
                 for m in col.members:
-                    if g_hp[m.leaf] is not None:
-                        term = g_hp[m.leaf].reshape(-1)[m.elem]
-                        s = term if s is None else s + term
-            if s is not None and s.requires_grad:
-                dg = torch.autograd.grad(s, list(params.values()), retain_graph=True,
-                                         allow_unused=True)
+                    term = g_hp[m.leaf]
+                    if term is not None and term.requires_grad:
+                        outputs.append(term.reshape(-1)[m.elem])
+                        grad_outputs.append(torch.ones((), dtype=term.dtype,
+                                                       device=term.device))
+            if outputs:
+                dg = torch.autograd.grad(outputs, list(params.values()), grad_outputs,
+                                         retain_graph=True, allow_unused=True)
                 dg = {n: torch.zeros_like(p) if d is None else d.detach()
                       for (n, p), d in zip(params.items(), dg)}
             else:
