@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..problem import Problem
-from .common import CostMeter, HypergradResult, finish
+from .common import CostMeter, HypergradResult, finish, hp_values
 from .reverse import unrolled_hypergrad
 
 
@@ -25,10 +27,6 @@ def window_hypergrad(problem: Problem, start, batches, leaves, horizon: int, val
     Returns (E after the window, dE/dλ for each natural leaf); used by the online tuner,
     which keeps the last K states and batches instead of replaying them.
     """
-    import torch
-
-    from .common import hp_values
-
     lam = {k: v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
     values = hp_values(problem, lam)
     s = start.detached()
