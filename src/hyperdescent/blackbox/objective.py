@@ -270,7 +270,12 @@ class TaskObjective:
 
     def set_divergence_policy(self, sampler) -> None:
         """Penalize rather than prune diverged trials for samplers that ignore pruned ones."""
-        self.on_divergence = "penalty" if sampler in SAMPLERS_IGNORING_PRUNED else "prune"
+        if isinstance(sampler, str):
+            ignores = sampler.lower() in SAMPLERS_IGNORING_PRUNED
+        else:
+            ignores = isinstance(sampler, (optuna.samplers.GPSampler,
+                                           optuna.samplers.CmaEsSampler))
+        self.on_divergence = "penalty" if ignores else "prune"
 
     def _diverged(self, trial, attrs, finish, curve, step, val_acc, why) -> float:
         attrs.update(diverged=True, pruned_by="divergence")

@@ -16,5 +16,5 @@ def greedy(problem: Problem, steps: int, **_) -> HypergradResult:
     if steps < 1:
         raise ValueError(f"greedy needs steps >= 1, got {steps}")
     with CostMeter(problem.device) as meter:
-        value, grads, extra = unrolled_hypergrad(problem, steps, steps - 1, None, meter)
+        value, grads, extra = unrolled_hypergrad(problem, steps, steps - 1)
     return finish(problem, value, grads, meter.stats(method="greedy", steps=steps, **extra))

@@ -23,8 +23,8 @@ def _differentiable_start(state: InnerState) -> tuple[InnerState, list[torch.Ten
     return state.replace_tensors(tensors), flat
 
 
-def unrolled_hypergrad(problem: Problem, steps: int, start: int = 0, segment: int | None = None,
-                       meter: CostMeter | None = None) -> tuple[float, dict, dict]:
+def unrolled_hypergrad(problem: Problem, steps: int, start: int = 0, segment: int | None = None
+                       ) -> tuple[float, dict, dict]:
     """dE(s_T)/dλ by backprop through steps start..T-1 (earlier steps are held constant).
 
     Returns (value, grads of the natural leaves, extra stats). `segment` is the checkpoint
@@ -73,5 +73,5 @@ def reverse(problem: Problem, steps: int, checkpoint_every: int | None = None,
     """Reverse-mode hypergradient over the whole run (optionally checkpointed)."""
     problem.require_replayable("reverse")
     with CostMeter(problem.device) as meter:
-        value, grads, extra = unrolled_hypergrad(problem, steps, 0, checkpoint_every, meter)
+        value, grads, extra = unrolled_hypergrad(problem, steps, 0, checkpoint_every)
     return finish(problem, value, grads, meter.stats(method="reverse", steps=steps, **extra))

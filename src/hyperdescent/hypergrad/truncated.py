@@ -16,7 +16,7 @@ def truncated(problem: Problem, steps: int, window: int = 10, **_) -> HypergradR
         raise ValueError(f"truncated needs window >= 1, got window={window}")
     start = max(0, steps - window)
     with CostMeter(problem.device) as meter:
-        value, grads, extra = unrolled_hypergrad(problem, steps, start, None, meter)
+        value, grads, extra = unrolled_hypergrad(problem, steps, start)
     return finish(problem, value, grads,
                   meter.stats(method="truncated", steps=steps, window=window, **extra))
 
