@@ -3,12 +3,14 @@
 The tangent Z_t = ds_t/dλ of the whole inner state (weights and optimizer tensors) is carried
 one column per scalar hyperparameter: Z_{t+1} = ∂Φ/∂s · Z_t + ∂Φ/∂λ. The model part of ∂Φ/∂s
 is a Hessian-vector product by double backward (the cheapest mechanism measured here); the
-optimizer's elementwise update is differentiated exactly by `torch.func.jvp`. Columns of
+optimizer's elementwise update is differentiated by its exact hand-written tangent rule
+(`torch.func.jvp` for optimizers without one). Columns of
 `Piecewise` blocks that have not started are not computed.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +52,12 @@ class Tangent:
 
 
 class ForwardTangent:
-    """Carries Z = ds/dλ alongside training; `step` advances both, `hypergrad` reads dE/dλ."""
+    """Carries Z = ds/dλ alongside training; `step` advances both, `hypergrad` reads dE/dλ.
+
+    The columns are stacked: every tangent tensor has a leading dimension with one row per
+    carried column, so the optimizer's tangent rule runs once per step for all columns (its
+    elementwise ops broadcast over that dimension) instead of once per column.
+    """
 
     def __init__(self, problem: Problem, horizon: int, tangent: str = "exact"):
         if tangent not in ("exact", "summed"):
@@ -80,15 +87,18 @@ class ForwardTangent:
             for m in members:
                 groups.setdefault((m.leaf.partition("/")[0], m.block), []).append(m)
             self.columns = [Tangent(tuple(g)) for g in groups.values()]
-        self.Z: list[StateTensors | None] = [None] * len(self.columns)
+        self.Z: StateTensors | None = None  # stacked: (columns, *shape) per tensor
+        self.started = [False] * len(self.columns)
         self.hvps = 0
+        self._directions: dict[tuple, tuple] = {}
         # optimizers' hand-written JVP rules are exact and ~40x cheaper than torch.func.jvp
         # of the elementwise update on CPU; tests check them against the jvp fallback.
         self.use_tangent_rule = True
 
     def reset(self) -> None:
         """Forget the tangent (OHO's `reset_every`)."""
-        self.Z = [None] * len(self.columns)
+        self.Z = None
+        self.started = [False] * len(self.columns)
 
     def _block(self, key: str, t: int) -> int | None:
         sched = self.schedules[key]
@@ -101,6 +111,28 @@ class ForwardTangent:
             k = self._block(key, t)
             out[key] = (v if k is None else v[k]).detach()
         return out
+
+    def _direction(self, active: tuple[int, ...], direct: tuple[bool, ...],
+                   hp_cur: dict[str, torch.Tensor], params: dict[str, torch.Tensor]):
+        """The stacked hyperparameter tangents of the active columns: one-hot rows per leaf
+        (shape (columns, *leaf)), and the same broadcast against each parameter's shape."""
+        sig = (active, direct)
+        if sig not in self._directions:
+            rows = {k: torch.zeros((len(active), *v.shape), dtype=v.dtype, device=v.device)
+                    for k, v in hp_cur.items()}
+            for a, (j, d) in enumerate(zip(active, direct)):
+                if d:
+                    for m in self.columns[j].members:
+                        rows[m.leaf][a].view(-1)[m.elem] = 1.0
+            per_param: dict[str, dict[str, torch.Tensor]] = {}
+            for key, r in rows.items():
+                name, _, pname = key.partition("/")
+                targets = [pname] if pname else list(params)
+                for n in targets:
+                    shaped = r if r.dim() > 1 else r.reshape(-1, *([1] * params[n].dim()))
+                    per_param.setdefault(name, {})[n] = shaped
+            self._directions[sig] = (rows, per_param)
+        return self._directions[sig]
 
     def step(self, state: InnerState, batch, leaves: dict[str, torch.Tensor], t: int
              ) -> tuple[InnerState, torch.Tensor]:
@@ -120,65 +152,97 @@ class ForwardTangent:
         primal_o = tensor_state(state.opt)
         primal_g = {n: x.detach() for n, x in g.items()}
         primal_h = {k: v.detach() for k, v in hp_cur.items()}
-
         hp_struct = unflatten(primal_h, self.like)
         with torch.no_grad():
             new_params, new_state = opt.update(primal_p, state.opt, primal_g, hp_struct)
-        new_opt = tensor_state(new_state)
-        linearized = getattr(opt, "tangent", None)
+        opt_state = with_tensor_state({"step": state.opt["step"] + 1}, tensor_state(new_state))
+        new = InnerState(new_params, opt_state, buffers, state.t + 1)
 
-        def update(p, o, gr, h):  # generic fallback for optimizers without a tangent rule
-            new_p, new_o = opt.update(p, with_tensor_state(state.opt, o), gr,
+        direct_all = [c.block is None or c.block == self._block(c.leaf, t) for c in self.columns]
+        # columns of blocks that have not started (or finished before a reset) stay zero
+        active = tuple(j for j, c in enumerate(self.columns) if self.started[j] or direct_all[j])
+        if not active:
+            return new, loss.detach()
+        direct = tuple(direct_all[j] for j in active)
+        rows, dhp = self._direction(active, direct, primal_h, primal_p)
+        full = len(active) == len(self.columns)
+        Z = self.Z
+        idx = None if full else torch.tensor(active, device=loss.device)
+        if Z is not None and idx is not None:
+            Z = {k: {n: z.index_select(0, idx) for n, z in d.items()} for k, d in Z.items()}
+        dg = self._dgrad(params, g, g_hp, keys, rows, Z, direct, len(active))
+        if Z is None:
+            Z = {"params": {n: p.new_zeros((len(active), *p.shape)) for n, p in primal_p.items()},
+                 **{k: {n: x.new_zeros((len(active), *x.shape)) for n, x in d.items()}
+                    for k, d in primal_o.items()}}
+        to = {k: Z[k] for k in primal_o}
+        if self.use_tangent_rule and getattr(opt, "tangent", None) is not None:
+            with torch.no_grad():
+                dp, do = opt.tangent(primal_p, state.opt, primal_g, hp_struct, Z["params"], to,
+                                     dg, dhp)
+        else:
+            dp, do = self._jvp_fallback(state.opt, primal_p, primal_o, primal_g, primal_h,
+                                        Z["params"], to, dg, rows)
+        new_Z = {"params": dp, **do}
+        if full:
+            self.Z = new_Z
+        else:
+            if self.Z is None:
+                self.Z = {k: {n: z.new_zeros((len(self.columns), *z.shape[1:]))
+                              for n, z in d.items()} for k, d in new_Z.items()}
+            for k, d in new_Z.items():
+                for n, z in d.items():
+                    self.Z[k][n].index_copy_(0, idx, z)
+        for j in active:
+            self.started[j] = True
+        return new, loss.detach()
+
+    def _dgrad(self, params, g, g_hp, keys, rows, Z, direct, n_active):
+        """Rows of d(∇L)/dλ along each column: H·Zθ + ∂²L/∂θ∂λ·e_j, one backward per row
+        (g's vector-Jacobian product with Zθ; the Hessian is symmetric)."""
+        mixed = [k for k in keys if g_hp[k] is not None and g_hp[k].requires_grad]
+        if Z is None and not mixed:
+            return {n: p.new_zeros((n_active, *p.shape)) for n, p in params.items()}
+        outputs = [gn for gn in g.values() if gn.requires_grad] if Z is not None else []
+        names = [n for n, gn in g.items() if gn.requires_grad] if Z is not None else []
+        out_rows: list[list[torch.Tensor]] = []
+        for a in range(n_active):
+            grad_outputs = [Z["params"][n][a] for n in names]
+            outs = list(outputs)
+            if direct[a]:
+                outs += [g_hp[k] for k in mixed]
+                grad_outputs += [rows[k][a] for k in mixed]
+            if not outs:
+                out_rows.append([None] * len(params))
+                continue
+            if Z is not None:
+                self.hvps += 1
+            out_rows.append(list(torch.autograd.grad(outs, list(params.values()), grad_outputs,
+                                                     retain_graph=True, allow_unused=True)))
+        return {n: torch.stack([p.new_zeros(p.shape) if r[i] is None else r[i].detach()
+                                for r in out_rows])
+                for i, (n, p) in enumerate(params.items())}
+
+    def _jvp_fallback(self, opt_state, primal_p, primal_o, primal_g, primal_h, tp, to, dg, rows):
+        """`torch.func.jvp` of the optimizer's update, one column at a time (optimizers
+        without a hand-written tangent rule)."""
+        opt = self.problem.optimizer
+
+        def update(p, o, gr, h):
+            new_p, new_o = opt.update(p, with_tensor_state(opt_state, o), gr,
                                       unflatten(h, self.like))
             return new_p, tensor_state(new_o)
 
-        for j, col in enumerate(self.columns):
-            k_now = self._block(col.leaf, t)
-            direct = col.block is None or col.block == k_now
-            Zj = self.Z[j]
-            if Zj is None and not direct:
-                continue  # a block that has not started (or a reset, finished block)
-            # dg = H·Zθ + ∂²L/∂θ∂λ_j in one backward: g's vector-Jacobian product with Zθ
-            # (the Hessian is symmetric), plus the gradient of ∂L/∂λ_j for regularizer columns
-            outputs, grad_outputs = [], []
-            if Zj is not None:
-                self.hvps += 1
-                for n, gn in g.items():
-                    if gn.requires_grad:
-                        outputs.append(gn)
-                        grad_outputs.append(Zj["params"][n])
-            if direct:
-                for m in col.members:
-                    term = g_hp[m.leaf]
-                    if term is not None and term.requires_grad:
-                        outputs.append(term.reshape(-1)[m.elem])
-                        grad_outputs.append(torch.ones((), dtype=term.dtype,
-                                                       device=term.device))
-            if outputs:
-                dg = torch.autograd.grad(outputs, list(params.values()), grad_outputs,
-                                         retain_graph=True, allow_unused=True)
-                dg = {n: torch.zeros_like(p) if d is None else d.detach()
-                      for (n, p), d in zip(params.items(), dg)}
-            else:
-                dg = {n: torch.zeros_like(p) for n, p in primal_p.items()}
-            tp = Zj["params"] if Zj is not None else {n: torch.zeros_like(p)
-                                                      for n, p in primal_p.items()}
-            to = ({k: Zj[k] for k in primal_o} if Zj is not None else
-                  {k: {n: torch.zeros_like(x) for n, x in d.items()} for k, d in primal_o.items()})
-            th = {k: torch.zeros_like(v) for k, v in primal_h.items()}
-            if direct:
-                for m in col.members:
-                    th[m.leaf].view(-1)[m.elem] = 1.0
-            if linearized is not None and self.use_tangent_rule:
-                with torch.no_grad():
-                    dp, do = linearized(primal_p, state.opt, primal_g, hp_struct, tp, to, dg,
-                                        unflatten(th, self.like))
-            else:
-                _, (dp, do) = jvp(update, (primal_p, primal_o, primal_g, primal_h),
-                                  (tp, to, dg, th))
-            self.Z[j] = {"params": dp, **do}
-        opt_state = with_tensor_state({"step": state.opt["step"] + 1}, new_opt)
-        return InnerState(new_params, opt_state, buffers, state.t + 1), loss.detach()
+        cols = []
+        for a in range(next(iter(tp.values())).shape[0]):
+            pick = lambda d: {n: x[a] for n, x in d.items()}  # noqa: E731
+            _, out = jvp(update, (primal_p, primal_o, primal_g, primal_h),
+                         (pick(tp), {k: pick(d) for k, d in to.items()}, pick(dg),
+                          {k: r[a] for k, r in rows.items()}))
+            cols.append(out)
+        dp = {n: torch.stack([c[0][n] for c in cols]) for n in tp}
+        do = {k: {n: torch.stack([c[1][k][n] for c in cols]) for n in d} for k, d in to.items()}
+        return dp, do
 
     def hypergrad(self, state: InnerState, val_batch) -> tuple[float, dict[str, torch.Tensor]]:
         """E(s_t) and dE/dλ = ∇E(θ_t) · Z_t^θ for every leaf (natural units)."""
@@ -189,39 +253,42 @@ class ForwardTangent:
             c = torch.autograd.grad(value, list(params.values()))
         c = dict(zip(params, c))
         grads = {k: torch.zeros_like(v) for k, v in flatten(self.like).items()}
+        if self.Z is None:
+            return value.item(), grads
+        Zp = self.Z["params"]
+        # dots[n][j] = <∇E restricted to parameter n, column j's weight tangent>
+        dots = {n: Zp[n].reshape(Zp[n].shape[0], -1) @ c[n].reshape(-1) for n in c}
+        total = sum(dots.values())
         for j, col in enumerate(self.columns):
-            Zj = self.Z[j]
-            if Zj is None:
-                continue
             if len(col.members) == 1:
                 m = col.members[0]
-                grads[m.leaf].view(-1)[m.index] = sum((c[n] * Zj["params"][n]).sum() for n in c)
+                grads[m.leaf].view(-1)[m.index] = total[j]
                 continue
             for m in col.members:  # summed tangent: read back restricted to the member's part
                 if m.per == "layer":
-                    val = (c[m.param] * Zj["params"][m.param]).sum()
+                    val = dots[m.param][j]
                 elif m.per == "parameter":
-                    val = c[m.param].reshape(-1)[m.elem] * Zj["params"][m.param].reshape(-1)[m.elem]
+                    val = c[m.param].reshape(-1)[m.elem] * Zp[m.param][j].reshape(-1)[m.elem]
                 else:
-                    val = sum((c[n] * Zj["params"][n]).sum() for n in c)
+                    val = total[j]
                 grads[m.leaf].view(-1)[m.index] = val
         return value.item(), grads
 
     def tangent_norm(self) -> float:
         """Frobenius norm of the weight part of Z."""
-        total = 0.0
-        for Zj in self.Z:
-            if Zj is not None:
-                total += sum(float((z * z).sum()) for z in Zj["params"].values())
-        return total ** 0.5
+        if self.Z is None:
+            return 0.0
+        return sum(float((z * z).sum()) for z in self.Z["params"].values()) ** 0.5
 
     def state_dict(self) -> dict:
         """The tangent, for saving a tuner mid-run."""
-        return {"Z": self.Z, "hvps": self.hvps, "horizon": self.horizon}
+        return {"Z": copy.deepcopy(self.Z), "started": list(self.started), "hvps": self.hvps,
+                "horizon": self.horizon}
 
     def load_state_dict(self, sd: dict) -> None:
         """Restore `state_dict`."""
-        self.Z, self.hvps, self.horizon = sd["Z"], sd["hvps"], sd["horizon"]
+        self.Z, self.hvps, self.horizon = copy.deepcopy(sd["Z"]), sd["hvps"], sd["horizon"]
+        self.started = list(sd["started"])
 
 
 def forward(problem: Problem, steps: int, tangent: str = "exact", **_) -> HypergradResult:

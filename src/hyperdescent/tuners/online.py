@@ -215,7 +215,7 @@ class OnlineTuner:
 
     def _take_snapshot(self) -> None:
         self._snapshots.append({
-            "t": self.t, "state": self.state.clone(), "Z": copy.deepcopy(self.engine.Z),
+            "t": self.t, "state": self.state.clone(), "engine": self.engine.state_dict(),
             "raw": {k: v.detach().clone() for k, v in self.raw.items()},
             "meta": copy.deepcopy(self.meta.state_dict()), "history_len": len(self.history),
             "window": list(self.window),
@@ -244,7 +244,7 @@ class OnlineTuner:
         self.meta_lr *= 0.5
         self.t = snap["t"]
         self.state = snap["state"].clone()
-        self.engine.Z = copy.deepcopy(snap["Z"])
+        self.engine.load_state_dict(snap["engine"])
         with torch.no_grad():
             for k, p in self.raw.items():
                 p.copy_(snap["raw"][k])
