@@ -233,12 +233,14 @@ class ForwardTangent:
                                       unflatten(h, self.like))
             return new_p, tensor_state(new_o)
 
+        def pick(d, a):
+            return {n: x[a] for n, x in d.items()}
+
         cols = []
         for a in range(next(iter(tp.values())).shape[0]):
-            pick = lambda d: {n: x[a] for n, x in d.items()}  # noqa: E731
             _, out = jvp(update, (primal_p, primal_o, primal_g, primal_h),
-                         (pick(tp), {k: pick(d) for k, d in to.items()}, pick(dg),
-                          {k: r[a] for k, r in rows.items()}))
+                         (pick(tp, a), {k: pick(d, a) for k, d in to.items()}, pick(dg, a),
+                          pick(rows, a)))
             cols.append(out)
         dp = {n: torch.stack([c[0][n] for c in cols]) for n in tp}
         do = {k: {n: torch.stack([c[1][k][n] for c in cols]) for n in d} for k, d in to.items()}
