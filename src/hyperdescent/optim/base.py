@@ -76,6 +76,23 @@ def is_zero(v) -> bool:
     return not isinstance(v, torch.Tensor) and v == 0
 
 
+def lincomb(*terms):
+    """sum(c * x) over (c, x) pairs, skipping fixed zero coefficients and multiplying by fixed
+    ones for free: tangent rules are sums of such terms, many of them exactly zero, and on
+    small tensors every skipped kernel counts. Returns 0.0 when every term is zero."""
+    out = None
+    for c, x in terms:
+        if is_zero(c) or is_zero(x):
+            continue
+        if isinstance(c, torch.Tensor) or not isinstance(x, torch.Tensor):
+            out = c * x if out is None else out + c * x
+        elif out is None:
+            out = x if c == 1 else x * c
+        else:
+            out = out.add(x, alpha=c)
+    return 0.0 if out is None else out
+
+
 def tangent_value(dhp: Mapping[str, Any] | None, name: str, pname: str):
     """The tangent of hyperparameter `name` for parameter `pname`; 0.0 where it has none."""
     if dhp is None or name not in dhp:

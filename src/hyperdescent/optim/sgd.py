@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Optimizer, Params, State, is_zero, tangent_value
+from .base import Optimizer, Params, State, is_zero, lincomb, tangent_value
 
 
 class SGD(Optimizer):
@@ -57,7 +57,7 @@ class SGD(Optimizer):
             d, dd = grads[n], dgrads[n]
             wd, dwd = self.value(hp, "weight_decay", n), tangent_value(dhp, "weight_decay", n)
             if not is_zero(wd) or not is_zero(dwd):
-                d, dd = d + wd * p, dd + dwd * p + wd * dparams[n]
+                d, dd = lincomb((1, d), (wd, p)), lincomb((1, dd), (dwd, p), (wd, dparams[n]))
             if use_momentum:
                 mu, dmu = self.value(hp, "momentum", n), tangent_value(dhp, "momentum", n)
                 if first:
@@ -66,13 +66,13 @@ class SGD(Optimizer):
                     damp = self.value(hp, "dampening", n)
                     ddamp = tangent_value(dhp, "dampening", n)
                     b0, db0 = state["momentum_buffer"][n], dstate["momentum_buffer"][n]
-                    buf = mu * b0 + (1 - damp) * d
-                    dbuf = dmu * b0 + mu * db0 + (1 - damp) * dd - ddamp * d
+                    buf = lincomb((mu, b0), (1 - damp, d))
+                    dbuf = lincomb((dmu, b0), (mu, db0), (1 - damp, dd), (-ddamp, d))
                 out_b[n] = dbuf
                 if nesterov:
-                    d, dd = d + mu * buf, dd + dmu * buf + mu * dbuf
+                    d, dd = lincomb((1, d), (mu, buf)), lincomb((1, dd), (dmu, buf), (mu, dbuf))
                 else:
                     d, dd = buf, dbuf
             lr, dlr = self.value(hp, "lr", n), tangent_value(dhp, "lr", n)
-            out_p[n] = dparams[n] - dlr * d - lr * dd
+            out_p[n] = lincomb((1, dparams[n]), (-dlr, d), (-lr, dd))
         return out_p, ({"momentum_buffer": out_b} if use_momentum else {})
