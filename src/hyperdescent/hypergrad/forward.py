@@ -153,16 +153,21 @@ class ForwardTangent:
         primal_g = {n: x.detach() for n, x in g.items()}
         primal_h = {k: v.detach() for k, v in hp_cur.items()}
         hp_struct = unflatten(primal_h, self.like)
-        with torch.no_grad():
-            new_params, new_state = opt.update(primal_p, state.opt, primal_g, hp_struct)
-        opt_state = with_tensor_state({"step": state.opt["step"] + 1}, tensor_state(new_state))
-        new = InnerState(new_params, opt_state, buffers, state.t + 1)
+
+        def advanced(new_params, new_state) -> InnerState:
+            opt_state = with_tensor_state({"step": state.opt["step"] + 1},
+                                          tensor_state(new_state))
+            return InnerState(new_params, opt_state, buffers, state.t + 1)
 
         direct_all = [c.block is None or c.block == self._block(c.leaf, t) for c in self.columns]
         # columns of blocks that have not started (or finished before a reset) stay zero
         active = tuple(j for j, c in enumerate(self.columns) if self.started[j] or direct_all[j])
-        if not active:
-            return new, loss.detach()
+        rule = self.use_tangent_rule and getattr(opt, "tangent", None) is not None
+        if not active or not rule:
+            with torch.no_grad():
+                new = advanced(*opt.update(primal_p, state.opt, primal_g, hp_struct))
+            if not active:
+                return new, loss.detach()
         direct = tuple(direct_all[j] for j in active)
         rows, dhp = self._direction(active, direct, primal_h, primal_p)
         full = len(active) == len(self.columns)
@@ -176,10 +181,11 @@ class ForwardTangent:
                  **{k: {n: x.new_zeros((len(active), *x.shape)) for n, x in d.items()}
                     for k, d in primal_o.items()}}
         to = {k: Z[k] for k in primal_o}
-        if self.use_tangent_rule and getattr(opt, "tangent", None) is not None:
+        if rule:
             with torch.no_grad():
-                dp, do = opt.tangent(primal_p, state.opt, primal_g, hp_struct, Z["params"], to,
-                                     dg, dhp)
+                new_params, new_state, dp, do = opt.update_and_tangent(
+                    primal_p, state.opt, primal_g, hp_struct, Z["params"], to, dg, dhp)
+            new = advanced(new_params, new_state)
         else:
             dp, do = self._jvp_fallback(state.opt, primal_p, primal_o, primal_g, primal_h,
                                         Z["params"], to, dg, rows)

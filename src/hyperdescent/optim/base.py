@@ -66,6 +66,14 @@ class Optimizer:
     def tuned(self, hp_names: Iterable[str] | None, name: str) -> bool:
         return hp_names is not None and name in set(hp_names)
 
+    def update_and_tangent(self, params: Params, state: State, grads: Params, hp,
+                           dparams: Params, dstate: dict, dgrads: Params, dhp):
+        """(new params, new state, d new params, d new state tensors): `update` and the
+        optimizer's `tangent` rule; optimizers override it to share primal intermediates."""
+        new_params, new_state = self.update(params, state, grads, hp)
+        dp, do = self.tangent(params, state, grads, hp, dparams, dstate, dgrads, dhp)
+        return new_params, new_state, dp, do
+
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.fixed.items())
         return f"{type(self).__name__}({args})"

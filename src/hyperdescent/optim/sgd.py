@@ -49,10 +49,18 @@ class SGD(Optimizer):
     def tangent(self, params: Params, state: State, grads: Params, hp, dparams: Params,
                 dstate: dict, dgrads: Params, dhp) -> tuple[Params, dict]:
         """Exact JVP of `update` w.r.t. (params, state tensors, grads, hp) (forward mode)."""
+        return self._tangent(params, state, grads, hp, dparams, dstate, dgrads, dhp, False)[2:]
+
+    def update_and_tangent(self, params: Params, state: State, grads: Params, hp,
+                           dparams: Params, dstate: dict, dgrads: Params, dhp):
+        """`update` and its `tangent` in one pass, sharing the primal intermediates."""
+        return self._tangent(params, state, grads, hp, dparams, dstate, dgrads, dhp, True)
+
+    def _tangent(self, params, state, grads, hp, dparams, dstate, dgrads, dhp, primal: bool):
         nesterov = self.fixed["nesterov"]
         use_momentum = "momentum_buffer" in state
         first = state["step"] == 0
-        out_p, out_b = {}, {}
+        out_p, out_b, new_p, new_b = {}, {}, {}, {}
         for n, p in params.items():
             d, dd = grads[n], dgrads[n]
             wd, dwd = self.value(hp, "weight_decay", n), tangent_value(dhp, "weight_decay", n)
@@ -68,11 +76,16 @@ class SGD(Optimizer):
                     b0, db0 = state["momentum_buffer"][n], dstate["momentum_buffer"][n]
                     buf = lincomb((mu, b0), (1 - damp, d))
                     dbuf = lincomb((dmu, b0), (mu, db0), (1 - damp, dd), (-ddamp, d))
-                out_b[n] = dbuf
+                out_b[n], new_b[n] = dbuf, buf
                 if nesterov:
                     d, dd = lincomb((1, d), (mu, buf)), lincomb((1, dd), (dmu, buf), (mu, dbuf))
                 else:
                     d, dd = buf, dbuf
             lr, dlr = self.value(hp, "lr", n), tangent_value(dhp, "lr", n)
             out_p[n] = lincomb((1, dparams[n]), (-dlr, d), (-lr, dd))
-        return out_p, ({"momentum_buffer": out_b} if use_momentum else {})
+            if primal:
+                new_p[n] = p - lr * d
+        new_state: State = {"step": state["step"] + 1}
+        if use_momentum:
+            new_state["momentum_buffer"] = new_b
+        return new_p, new_state, out_p, ({"momentum_buffer": out_b} if use_momentum else {})
