@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import HyperparameterError
+from ..optim.base import axpy
 from ..problem import Problem
 from .common import CostMeter, HypergradResult, finish, hp_values, natural_leaves, run_plain
 
@@ -38,10 +39,10 @@ def neumann_solve(hvp, v: list[torch.Tensor], alpha: float, terms: int) -> list[
     p = [x.clone() for x in v]
     acc = [x.clone() for x in v]
     for _ in range(terms):
-        Ap = hvp(p)
-        p = [pi - alpha * ai for pi, ai in zip(p, Ap)]
-        acc = [a + pi for a, pi in zip(acc, p)]
-    return [alpha * a for a in acc]
+        # foreach: one call over all parameters instead of one small kernel call each
+        torch._foreach_add_(p, hvp(p), alpha=-alpha)
+        torch._foreach_add_(acc, p)
+    return torch._foreach_mul(acc, alpha)
 
 
 def cg_solve(hvp, b: list[torch.Tensor], iters: int, tol: float) -> tuple[list[torch.Tensor], int]:
@@ -92,16 +93,20 @@ def implicit(problem: Problem, steps: int, solver: str = "neumann", terms: int =
             loss, _ = problem.train_loss(params, state.buffers,
                                          problem.train_batch(max(steps - 1, 0)), hp)
             g = torch.autograd.grad(loss, plist, create_graph=True)
-            F = []
+            F, decay = [], []
             for (n, p), gi in zip(params.items(), g):
                 wd = opt.value(hp, "weight_decay", n) if "weight_decay" in opt.fixed else 0.0
-                F.append(gi + wd * p if not (isinstance(wd, float) and wd == 0.0) else gi)
+                F.append(axpy(gi, wd, p))
+                decay.append(wd.detach() if isinstance(wd, torch.Tensor) else wd)
 
         def hvp(u):
+            # A·u = H·u + wd·u: the weight-decay part of ∂F/∂θ is diagonal, so it is added
+            # directly instead of backpropagating through wd·θ
             meter.hvps += 1
-            out = torch.autograd.grad(F, plist, grad_outputs=u, retain_graph=True,
+            out = torch.autograd.grad(g, plist, grad_outputs=u, retain_graph=True,
                                       allow_unused=True)
-            return [o if o is not None else torch.zeros_like(x) for o, x in zip(out, u)]
+            return [axpy(o if o is not None else torch.zeros_like(x), wd, x)
+                    for o, x, wd in zip(out, u, decay)]
 
         extra = {}
         if solver == "neumann":

@@ -84,21 +84,32 @@ def is_zero(v) -> bool:
     return not isinstance(v, torch.Tensor) and v == 0
 
 
+def axpy(y, a, x, scale: float = 1.0):
+    """y + scale * a * x as one kernel where possible (`addcmul` for a tensor coefficient,
+    `add(alpha=)` for a number), skipping fixed zeros: in an unrolled graph every op is also a
+    backward node, and on small tensors the per-op cost dominates."""
+    if is_zero(a) or is_zero(x) or scale == 0:
+        return y
+    if is_zero(y):
+        if isinstance(a, torch.Tensor) or not isinstance(x, torch.Tensor):
+            return a * x * scale if scale != 1 else a * x
+        return x if a * scale == 1 else x * (a * scale)
+    if isinstance(a, torch.Tensor) and isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+        return torch.addcmul(y, a, x, value=scale)
+    if not isinstance(a, torch.Tensor) and isinstance(x, torch.Tensor) and \
+            isinstance(y, torch.Tensor):
+        return y.add(x, alpha=a * scale)
+    return y + a * x * scale
+
+
 def lincomb(*terms):
-    """sum(c * x) over (c, x) pairs, skipping fixed zero coefficients and multiplying by fixed
-    ones for free: tangent rules are sums of such terms, many of them exactly zero, and on
-    small tensors every skipped kernel counts. Returns 0.0 when every term is zero."""
-    out = None
+    """sum(c * x) over (c, x) pairs with `axpy`; a term whose coefficient is exactly 1 starts
+    the sum for free. Returns 0.0 when every term is zero."""
+    terms = sorted(terms, key=lambda t: not (not isinstance(t[0], torch.Tensor) and t[0] == 1))
+    out = 0.0
     for c, x in terms:
-        if is_zero(c) or is_zero(x):
-            continue
-        if isinstance(c, torch.Tensor) or not isinstance(x, torch.Tensor):
-            out = c * x if out is None else out + c * x
-        elif out is None:
-            out = x if c == 1 else x * c
-        else:
-            out = out.add(x, alpha=c)
-    return 0.0 if out is None else out
+        out = axpy(out, c, x)
+    return out
 
 
 def tangent_value(dhp: Mapping[str, Any] | None, name: str, pname: str):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Optimizer, Params, State, is_zero, lincomb, tangent_value
+from .base import Optimizer, Params, State, axpy, is_zero, lincomb, tangent_value
 
 
 class SGD(Optimizer):
@@ -26,21 +26,17 @@ class SGD(Optimizer):
         first = state["step"] == 0
         new_params, new_buf = {}, {}
         for n, p in params.items():
-            d = grads[n]
-            wd = self.value(hp, "weight_decay", n)
-            if not is_zero(wd):
-                d = d + wd * p
+            d = axpy(grads[n], self.value(hp, "weight_decay", n), p)
             if use_momentum:
                 mu = self.value(hp, "momentum", n)
-                damp = self.value(hp, "dampening", n)
                 if first:
                     buf = d
                 else:
-                    buf = mu * state["momentum_buffer"][n] + (1 - damp) * d if not is_zero(damp) \
-                        else mu * state["momentum_buffer"][n] + d
+                    damp = self.value(hp, "dampening", n)
+                    buf = lincomb((1 - damp, d), (mu, state["momentum_buffer"][n]))
                 new_buf[n] = buf
-                d = d + mu * buf if nesterov else buf
-            new_params[n] = p - self.value(hp, "lr", n) * d
+                d = axpy(d, mu, buf) if nesterov else buf
+            new_params[n] = axpy(p, self.value(hp, "lr", n), d, -1.0)
         new_state: State = {"step": state["step"] + 1}
         if use_momentum:
             new_state["momentum_buffer"] = new_buf
@@ -82,9 +78,9 @@ class SGD(Optimizer):
                 else:
                     d, dd = buf, dbuf
             lr, dlr = self.value(hp, "lr", n), tangent_value(dhp, "lr", n)
-            out_p[n] = lincomb((1, dparams[n]), (-dlr, d), (-lr, dd))
+            out_p[n] = axpy(axpy(dparams[n], dlr, d, -1.0), lr, dd, -1.0)
             if primal:
-                new_p[n] = p - lr * d
+                new_p[n] = axpy(p, lr, d, -1.0)
         new_state: State = {"step": state["step"] + 1}
         if use_momentum:
             new_state["momentum_buffer"] = new_b
