@@ -124,6 +124,11 @@ def test_stats_are_reported():
     res = hd.hypergrad(p, steps=4, method="forward")
     assert res.stats["wall_time_s"] > 0
     assert res.stats["hvps"] > 0
+    # reverse-type methods: one vector-Hessian product per step backpropagated through
+    assert hd.hypergrad(p, steps=4, method="reverse").stats["hvps"] == 4
+    assert hd.hypergrad(p, steps=4, method="reverse", checkpoint_every=2).stats["hvps"] == 4
+    assert hd.hypergrad(p, steps=4, method="truncated", window=3).stats["hvps"] == 3
+    assert hd.hypergrad(p, steps=4, method="greedy").stats["hvps"] == 1
     assert "peak_memory_mb" in res.stats
 
 

@@ -17,4 +17,5 @@ def greedy(problem: Problem, steps: int, **_) -> HypergradResult:
         raise ValueError(f"greedy needs steps >= 1, got {steps}")
     with CostMeter(problem.device) as meter:
         value, grads, extra = unrolled_hypergrad(problem, steps, steps - 1)
+        meter.hvps = extra.pop("hvps")
     return finish(problem, value, grads, meter.stats(method="greedy", steps=steps, **extra))

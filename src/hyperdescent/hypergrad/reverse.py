@@ -65,7 +65,9 @@ def unrolled_hypergrad(problem: Problem, steps: int, start: int = 0, segment: in
         for j, g in enumerate(got[len(inputs):]):
             if g is not None:
                 grads[j] = grads[j] + g
-    return value, dict(zip(lam, grads)), {"segments": len(bounds)}
+    # backpropagating the state adjoint through one step's gradient is one vector-Hessian
+    # product (autograd does it inside the graph, never as a separate call)
+    return value, dict(zip(lam, grads)), {"segments": len(bounds), "hvps": steps - start}
 
 
 def reverse(problem: Problem, steps: int, checkpoint_every: int | None = None,
@@ -74,4 +76,5 @@ def reverse(problem: Problem, steps: int, checkpoint_every: int | None = None,
     problem.require_replayable("reverse")
     with CostMeter(problem.device) as meter:
         value, grads, extra = unrolled_hypergrad(problem, steps, 0, checkpoint_every)
+        meter.hvps = extra.pop("hvps")
     return finish(problem, value, grads, meter.stats(method="reverse", steps=steps, **extra))

@@ -17,6 +17,7 @@ def truncated(problem: Problem, steps: int, window: int = 10, **_) -> HypergradR
     start = max(0, steps - window)
     with CostMeter(problem.device) as meter:
         value, grads, extra = unrolled_hypergrad(problem, steps, start)
+        meter.hvps = extra.pop("hvps")
     return finish(problem, value, grads,
                   meter.stats(method="truncated", steps=steps, window=window, **extra))
 
