@@ -104,3 +104,37 @@ def test_step_matches_torch_optim():
         opt.step()
     for n, prm in ref.named_parameters():
         assert torch.allclose(state.params[n], prm, rtol=1e-12)
+
+
+def test_a_parameter_the_loss_does_not_use_is_named():
+    class TwoHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = torch.nn.Linear(4, 2)
+            self.spare = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    p = hd.Problem(TwoHeads(), loss=torch.nn.functional.cross_entropy,
+                   optimizer=hd.optim.SGD(lr=0.1), train=(x, y), val=(x, y), batch_size=8)
+    with pytest.raises(hd.errors.HyperdescentError, match="spare.weight"):
+        p.step(p.init_state(), p.train_batch(0), {})
+
+
+def test_engine_vjp_equals_torch_autograd_grad():
+    from hyperdescent import autodiff
+
+    w = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    unused = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(7, 5, dtype=torch.float64)
+    loss = torch.tanh(x @ w + b).pow(2).sum()
+    g = autodiff.grad(loss, [w, b, unused], create_graph=True)
+    ref = torch.autograd.grad(loss, [w, b], create_graph=True)
+    assert g[2] is None and all(torch.allclose(a, r) for a, r in zip(g[:2], ref))
+    u = [torch.randn_like(w), torch.randn_like(b)]
+    hv = autodiff.vjp(g[:2], [w, b], u, retain_graph=True)
+    ref_hv = torch.autograd.grad(ref, [w, b], u)
+    assert all(torch.allclose(a, r, rtol=1e-12) for a, r in zip(hv, ref_hv))

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
+from . import autodiff
 from .data import Batch, ReplayableBatches, StreamBatches, as_tensor_pair
-from .errors import DataError, HyperparameterError, NonFiniteError
+from .errors import DataError, HyperdescentError, HyperparameterError, NonFiniteError
 from .optim import SGD
 from .optim.base import Optimizer, tensor_state, with_tensor_state
 from .space import Space
@@ -212,8 +213,13 @@ class Problem:
                       for n, p in params.items()}
         with torch.enable_grad():
             loss, buffers = self.train_loss(params, state.buffers, batch, hp)
-            grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
-        grads = dict(zip(params, grads))
+            grads = dict(zip(params, autodiff.grad(loss, list(params.values()),
+                                                   create_graph=create_graph)))
+        unused = [n for n, g in grads.items() if g is None]
+        if unused:
+            raise HyperdescentError(
+                f"parameter(s) {unused} do not affect the training loss; freeze them "
+                f"(requires_grad=False) or leave them out of the model")
         if create_graph:
             new_params, new_opt = self.optimizer.update(params, state.opt, grads, hp)
         else:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import jvp
 
+from .. import autodiff
 from ..optim.base import tensor_state, with_tensor_state
 from ..problem import InnerState, Problem
 from ..space import flatten, unflatten
@@ -144,8 +145,8 @@ class ForwardTangent:
         with torch.enable_grad():
             loss, buffers = problem.train_loss(params, state.buffers, batch,
                                                unflatten(hp_cur, self.like))
-            got = torch.autograd.grad(loss, list(params.values()) + [hp_cur[k] for k in keys],
-                                      create_graph=True, allow_unused=True)
+            got = autodiff.grad(loss, list(params.values()) + [hp_cur[k] for k in keys],
+                                create_graph=True)
         g = dict(zip(params, got[:len(params)]))
         g_hp = dict(zip(keys, got[len(params):]))
         primal_p = {n: p.detach() for n, p in params.items()}
@@ -223,8 +224,8 @@ class ForwardTangent:
                 continue
             if Z is not None:
                 self.hvps += 1
-            out_rows.append(list(torch.autograd.grad(outs, list(params.values()), grad_outputs,
-                                                     retain_graph=True, allow_unused=True)))
+            out_rows.append(list(autodiff.vjp(outs, list(params.values()), grad_outputs,
+                                              retain_graph=True)))
         return {n: torch.stack([p.new_zeros(p.shape) if r[i] is None else r[i].detach()
                                 for r in out_rows])
                 for i, (n, p) in enumerate(params.items())}
@@ -258,8 +259,8 @@ class ForwardTangent:
         params = {n: p.detach().requires_grad_(True) for n, p in state.params.items()}
         with torch.enable_grad():
             value = problem.val_loss(params, state.buffers, val_batch)
-            c = torch.autograd.grad(value, list(params.values()))
-        c = dict(zip(params, c))
+            c = autodiff.grad(value, list(params.values()))
+        c = {n: torch.zeros_like(p) if x is None else x for (n, p), x in zip(params.items(), c)}
         grads = {k: torch.zeros_like(v) for k, v in flatten(self.like).items()}
         if self.Z is None:
             return value.item(), grads

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import autodiff
 from ..errors import HyperparameterError
 from ..optim.base import axpy
 from ..problem import Problem
@@ -87,12 +88,12 @@ def implicit(problem: Problem, steps: int, solver: str = "neumann", terms: int =
         lam_list = list(lam.values())
         with torch.enable_grad():
             value = problem.val_loss(params, state.buffers, problem.val_batch(steps))
-            got = torch.autograd.grad(value, plist + lam_list, allow_unused=True)
+            got = autodiff.grad(value, plist + lam_list)
             v = [g if g is not None else torch.zeros_like(p) for g, p in zip(got, plist)]
             direct = got[len(plist):]
             loss, _ = problem.train_loss(params, state.buffers,
                                          problem.train_batch(max(steps - 1, 0)), hp)
-            g = torch.autograd.grad(loss, plist, create_graph=True)
+            g = autodiff.grad(loss, plist, create_graph=True)
             F, decay = [], []
             for (n, p), gi in zip(params.items(), g):
                 wd = opt.value(hp, "weight_decay", n) if "weight_decay" in opt.fixed else 0.0
@@ -103,8 +104,7 @@ def implicit(problem: Problem, steps: int, solver: str = "neumann", terms: int =
             # A·u = H·u + wd·u: the weight-decay part of ∂F/∂θ is diagonal, so it is added
             # directly instead of backpropagating through wd·θ
             meter.hvps += 1
-            out = torch.autograd.grad(g, plist, grad_outputs=u, retain_graph=True,
-                                      allow_unused=True)
+            out = autodiff.vjp(g, plist, u, retain_graph=True)
             return [axpy(o if o is not None else torch.zeros_like(x), wd, x)
                     for o, x, wd in zip(out, u, decay)]
 
@@ -116,7 +116,7 @@ def implicit(problem: Problem, steps: int, solver: str = "neumann", terms: int =
         else:
             q, used = cg_solve(hvp, v, iters, tol)
             extra = {"cg_iters": used}
-        mixed = torch.autograd.grad(F, lam_list, grad_outputs=q, allow_unused=True)
+        mixed = autodiff.vjp(F, lam_list, q)
         grads = {}
         for key, d, m in zip(lam, direct, mixed):
             total = torch.zeros_like(lam[key])

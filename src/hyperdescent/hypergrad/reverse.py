@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from .. import autodiff
 from ..problem import InnerState, Problem
 from .common import CostMeter, HypergradResult, finish, hp_values, natural_leaves, run_plain
 
@@ -54,13 +55,12 @@ def unrolled_hypergrad(problem: Problem, steps: int, start: int = 0, segment: in
         if adjoint is None:
             out = problem.val_loss(s.params, s.buffers, problem.val_batch(steps))
             value = out.item()
-            outputs, grad_outputs = [out], None
+            outputs, grad_outputs = [out], [torch.ones_like(out)]
         else:
             ends = [x for d in s.tensors().values() for x in d.values()]
             pairs = [(o, g) for o, g in zip(ends, adjoint) if o.requires_grad]
             outputs, grad_outputs = [o for o, _ in pairs], [g for _, g in pairs]
-        got = torch.autograd.grad(outputs, inputs + lam_list, grad_outputs=grad_outputs,
-                                  allow_unused=True)
+        got = autodiff.vjp(outputs, inputs + lam_list, grad_outputs)
         adjoint = [g if g is not None else torch.zeros_like(x) for g, x in zip(got, inputs)]
         for j, g in enumerate(got[len(inputs):]):
             if g is not None:
