@@ -689,8 +689,9 @@ def markdown(result: dict, command: str) -> str:
                    f"{r['cpu_ratio_to_plain_step']:.2f} | {r['peak_memory_mb']:.1f} | {hvps} | "
                    f"{load} | {r['notes']} |")
     out += ["", "hvps: Hessian-vector products as counted in `res.stats` (hyperdescent) or by wrapping "
-            "the linear solver's matvec (torchopt implicit); the reverse-type methods backpropagate "
-            "through the unrolled graph and count none."]
+            "the linear solver's matvec (torchopt implicit); hyperdescent's reverse-type methods "
+            "count one vector-Hessian product per step they backpropagate through (done inside "
+            "autograd's graph); the peers' reverse runs are not counted."]
     p = result.get("profile")
     if p and "error" not in p:
         out += ["", f"## Where forward mode's time goes (cProfile, T={p['T']})", "",
