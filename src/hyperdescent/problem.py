@@ -17,7 +17,7 @@ from . import autodiff
 from .data import Batch, ReplayableBatches, StreamBatches, as_tensor_pair
 from .errors import DataError, HyperdescentError, HyperparameterError, NonFiniteError
 from .optim import SGD
-from .optim.base import Optimizer, tensor_state, with_tensor_state
+from .optim.base import Optimizer, common_base, tensor_state, unflat, with_tensor_state
 from .space import Space
 
 Params = dict[str, torch.Tensor]
@@ -213,8 +213,14 @@ class Problem:
                       for n, p in params.items()}
         with torch.enable_grad():
             loss, buffers = self.train_loss(params, state.buffers, batch, hp)
-            grads = dict(zip(params, autodiff.grad(loss, list(params.values()),
-                                                   create_graph=create_graph)))
+            flat = common_base(params) if create_graph else None
+            if flat is not None:
+                # weights kept as views of one vector (a flat optimizer step made them): one
+                # gradient vector instead of one per parameter, with no concatenation later
+                grads = unflat(autodiff.grad(loss, [flat], create_graph=True)[0], params)
+            else:
+                grads = dict(zip(params, autodiff.grad(loss, list(params.values()),
+                                                       create_graph=create_graph)))
         unused = [n for n, g in grads.items() if g is None]
         if unused:
             raise HyperdescentError(

@@ -112,6 +112,35 @@ def lincomb(*terms):
     return out
 
 
+def common_base(tensors: Params, names: list[str] | None = None) -> torch.Tensor | None:
+    """The 1-D tensor that the tensors are consecutive, contiguous views of, in order (what
+    `unflat` returns), or None."""
+    names = list(tensors) if names is None else names
+    first = tensors[names[0]]
+    base = first._base
+    if base is None or base.dim() != 1 or first.storage_offset() != base.storage_offset():
+        return None
+    offset = base.storage_offset()
+    for n in names:
+        t = tensors[n]
+        if t._base is not base or t.storage_offset() != offset or not t.is_contiguous():
+            return None
+        offset += t.numel()
+    return base if offset - base.storage_offset() == base.numel() else None
+
+
+def flat_view(tensors: Params, names: list[str]) -> torch.Tensor:
+    """The tensors concatenated into one vector: their `common_base` (no copy) or a copy."""
+    base = common_base(tensors, names)
+    return base if base is not None else torch.cat([tensors[n].reshape(-1) for n in names])
+
+
+def unflat(vector: torch.Tensor, like: Params) -> Params:
+    """Views of `vector` shaped like each tensor of `like`, in order (inverse of flat_view)."""
+    parts = vector.split([t.numel() for t in like.values()])
+    return {n: part.view(t.shape) for (n, t), part in zip(like.items(), parts)}
+
+
 def tangent_value(dhp: Mapping[str, Any] | None, name: str, pname: str):
     """The tangent of hyperparameter `name` for parameter `pname`; 0.0 where it has none."""
     if dhp is None or name not in dhp:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .base import Optimizer, Params, State, axpy, is_zero, lincomb, tangent_value
+import torch
+
+from .base import Optimizer, Params, State, axpy, flat_view, is_zero, lincomb, tangent_value, unflat
 
 
 class SGD(Optimizer):
@@ -21,6 +23,9 @@ class SGD(Optimizer):
 
     def update(self, params: Params, state: State, grads: Params, hp=None) -> tuple[Params, State]:
         """One step: d = g + wd*p; buf = mu*buf + (1-damp)*d (buf = d at step 0); p -= lr*d'."""
+        flat = self._flat_update(params, state, grads, hp)
+        if flat is not None:
+            return flat
         nesterov = self.fixed["nesterov"]
         use_momentum = "momentum_buffer" in state
         first = state["step"] == 0
@@ -40,6 +45,47 @@ class SGD(Optimizer):
         new_state: State = {"step": state["step"] + 1}
         if use_momentum:
             new_state["momentum_buffer"] = new_buf
+        return new_params, new_state
+
+    def _flat_update(self, params: Params, state: State, grads: Params, hp):
+        """The same step on all parameters concatenated, when it is built into a graph and
+        every hyperparameter is one scalar: 3 graph nodes a step instead of 3 per parameter,
+        which is a fifth of a reverse-mode hypergradient's backward on small models. Returns
+        None where it does not apply (per-layer or per-element values, mixed dtypes)."""
+        if not torch.is_grad_enabled() or len(params) < 2:
+            return None
+        first_name = next(iter(params))
+        scalars = []
+        for k in ("lr", "weight_decay", "momentum", "dampening"):
+            v = self.value(hp, k, first_name)
+            if isinstance(hp, dict) and isinstance(hp.get(k), dict):
+                return None
+            if isinstance(v, torch.Tensor) and v.dim() != 0:
+                return None
+            scalars.append(v)
+        lr, wd, mu, damp = scalars
+        ref = params[first_name]
+        if any(p.dtype != ref.dtype or p.device != ref.device for p in params.values()):
+            return None
+        if not any(isinstance(x, torch.Tensor) and x.requires_grad
+                   for x in (*params.values(), *grads.values(), *scalars)):
+            return None
+        names = list(params)
+        use_momentum = "momentum_buffer" in state
+        flat_params = flat_view(params, names)
+        d = axpy(flat_view(grads, names), wd, flat_params)
+        new_flat_buf = None
+        if use_momentum:
+            if state["step"] == 0:
+                new_flat_buf = d
+            else:
+                new_flat_buf = lincomb((1 - damp, d), (mu, flat_view(state["momentum_buffer"],
+                                                                     names)))
+            d = axpy(d, mu, new_flat_buf) if self.fixed["nesterov"] else new_flat_buf
+        new_params = unflat(axpy(flat_params, lr, d, -1.0), params)
+        new_state: State = {"step": state["step"] + 1}
+        if use_momentum:
+            new_state["momentum_buffer"] = unflat(new_flat_buf, params)
         return new_params, new_state
 
     def tangent(self, params: Params, state: State, grads: Params, hp, dparams: Params,
