@@ -59,14 +59,26 @@ def main(argv=None):
     ap.add_argument("--trials", type=int, default=30)
     ap.add_argument("--trial-steps", type=int, default=300)
     ap.add_argument("--oho-steps", type=int, default=1500)
+    ap.add_argument("--oho-setting", action="append", default=[], metavar="KEY=VALUE",
+                    help="an OnlineTuner / harness setting for OHO (TOML value), repeatable")
+    ap.add_argument("--target", type=float,
+                    help="time OHO alone against this target (skips the black-box runs; "
+                         "nothing is written to results/)")
     args = ap.parse_args(argv)
     seeds = list(range(args.seeds))
+    oho_settings = dict(kv.split("=", 1) for kv in args.oho_setting)
     with tempfile.TemporaryDirectory() as tmp:
-        bb = run(config("bb", args.trial_steps, [("random", "random", {}), ("TPE", "tpe", {})],
-                        seeds, {"trials": args.trials}), Path(tmp) / "bb")
-        oho = run(config("oho", args.oho_steps, [("OHO", "oho", {})], seeds,
+        bb = [] if args.target is not None else run(
+            config("bb", args.trial_steps, [("random", "random", {}), ("TPE", "tpe", {})],
+                   seeds, {"trials": args.trials}), Path(tmp) / "bb")
+        oho = run(config("oho", args.oho_steps, [("OHO", "oho", oho_settings)], seeds,
                          {"inner_steps": args.oho_steps}), Path(tmp) / "oho")
     records = bb + oho
+    if args.target is not None:
+        times = [time_to(records, "OHO", s, args.target) for s in seeds]
+        print(f"OHO {oho_settings}: times to {args.target} {times}, median "
+              f"{statistics.median(t if t is not None else float('inf') for t in times):.2f}s")
+        return {"times_s": times}
 
     def final_best(method, seed):
         vals = [r["best_val_loss"] for r in records if r.get("method") == method

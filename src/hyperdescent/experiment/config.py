@@ -56,7 +56,7 @@ PRUNERS = ("median", "successive_halving", "hyperband")
 HPARAM_NAMES = ("lr", "weight_decay", "momentum", "beta1", "beta2", "eps")
 # settings that are not OnlineTuner arguments
 _GRADIENT_EXTRA = {"eval_every": "full-validation evaluation (and log record) every N steps",
-                   "val_batch_size": "validation minibatch of each meta-step (hd.Problem)"}
+                   "val_batch_size": "validation minibatch of each meta-step (default: the task's batch size)"}
 _BLACKBOX_SETTINGS = {"eval_every": "validation evaluation (and pruning check) every N steps",
                       "grid_points": "points per dimension of kind='grid'",
                       "sampler_kwargs": "extra arguments of the Optuna sampler",
