@@ -138,7 +138,8 @@ def flat_view(tensors: Params, names: list[str]) -> torch.Tensor:
 def unflat(vector: torch.Tensor, like: Params) -> Params:
     """Views of `vector` shaped like each tensor of `like`, in order (inverse of flat_view)."""
     parts = vector.split([t.numel() for t in like.values()])
-    return {n: part.view(t.shape) for (n, t), part in zip(like.items(), parts)}
+    return {n: part if part.shape == t.shape else part.view(t.shape)
+            for (n, t), part in zip(like.items(), parts)}
 
 
 def tangent_value(dhp: Mapping[str, Any] | None, name: str, pname: str):
