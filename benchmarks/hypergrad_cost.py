@@ -402,6 +402,45 @@ def correctness(T: int = 10) -> dict:
     return out
 
 
+def head_to_head(T: int, reps: int) -> dict:
+    """Ours vs the peers timed in one process, run after run in turn (same machine state).
+
+    The per-record table times each implementation in its own process; when the machine's
+    speed drifts between those processes, their ratio drifts with it. Here every repetition
+    runs hyperdescent, torchopt and higher back to back on the same unroll (and the two
+    implicit solves), and the ratios are of the medians.
+    """
+    _torch()
+    train, val = load_digits_split()
+    problem = make_problem(train, val)
+    wd_problem = make_problem(train, val, wd_only=True)
+    runners = {"hyperdescent": lambda: run_hyperdescent(problem, "reverse", T),
+               "torchopt": lambda: run_torchopt_reverse(problem, T),
+               "higher": lambda: run_higher_reverse(problem, T)}
+    solves = {"hyperdescent": lambda: run_hyperdescent(wd_problem, "implicit", T)[1],
+              "torchopt": lambda: run_torchopt_implicit(wd_problem, T)[1]}
+    for fn in runners.values():  # warm-up
+        fn()
+    times = {k: [] for k in runners}
+    solve_times = {k: [] for k in solves}
+    for _ in range(reps):
+        for name, fn in runners.items():
+            clock = Clock()
+            fn()
+            times[name].append(clock.read()[0] / T)
+        for name, fn in solves.items():
+            clock = Clock()
+            extra = fn()
+            wall = clock.read()[0]
+            solve_times[name].append(wall - extra["inner"][0])  # minus the T inner steps
+    med = {k: statistics.median(v) for k, v in times.items()}
+    smed = {k: statistics.median(v) for k, v in solve_times.items()}
+    return {"T": T, "reps": reps, "reverse_s_per_step": med, "ift_solve_s": smed,
+            "reverse_vs_torchopt": med["hyperdescent"] / med["torchopt"],
+            "reverse_vs_higher": med["hyperdescent"] / med["higher"],
+            "ift_solve_vs_torchopt": smed["hyperdescent"] / smed["torchopt"]}
+
+
 def profile(method: str, T: int, verbose: bool = True) -> dict:
     """cProfile (and, verbose, torch.profiler) of one hyperdescent method at horizon T.
 
@@ -692,6 +731,13 @@ def markdown(result: dict, command: str) -> str:
             "the linear solver's matvec (torchopt implicit); hyperdescent's reverse-type methods "
             "count one vector-Hessian product per step they backpropagate through (done inside "
             "autograd's graph); the peers' reverse runs are not counted."]
+    if result.get("head_to_head"):
+        out += ["", "## Head-to-head in one process", "",
+                "The table above times each implementation in its own process, so a drift of "
+                "the machine's speed between processes moves the ratios. Here one process runs "
+                "hyperdescent, torchopt and higher (and the two IFT solves) in turn, "
+                "repetition after repetition; medians:", "",
+                *head_to_head_lines(result["head_to_head"])]
     p = result.get("profile")
     if p and "error" not in p:
         out += ["", f"## Where forward mode's time goes (cProfile, T={p['T']})", "",
@@ -740,6 +786,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--check-worker", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--profile-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--h2h-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--h2h-reps", type=int, default=7,
+                    help="repetitions of the one-process head-to-head timing (0: skip it)")
     args = ap.parse_args(argv)
 
     if args.worker:
@@ -748,6 +797,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile_worker:
         method, T = args.profile_worker.split(":")
         print("RESULT " + json.dumps(profile(method, int(T), verbose=False)), flush=True)
+        return 0
+    if args.h2h_worker:
+        T, reps = map(int, args.h2h_worker.split(":"))
+        print("RESULT " + json.dumps(head_to_head(T, reps)), flush=True)
         return 0
     if args.check_worker:
         print("RESULT " + json.dumps(correctness(args.check_worker)), flush=True)
@@ -771,6 +824,11 @@ def main(argv: list[str] | None = None) -> int:
         check = _spawn_check(10, args.timeout)
         result["correctness"] = check
         print_check(check)
+    if args.h2h_reps > 0 and not args.quick and {"torchopt", "higher"} <= set(args.impls):
+        result["head_to_head"] = [
+            _spawn_worker(["--h2h-worker", f"{T}:{args.h2h_reps}"], args.timeout)
+            for T in Ts if T >= 100]
+        print_head_to_head(result["head_to_head"])
     if not (args.no_profile or args.quick):
         T_prof = min(100, max(Ts))
         result["profile"] = _spawn_worker(["--profile-worker", f"forward:{T_prof}"], args.timeout)
@@ -816,6 +874,29 @@ def _spawn_worker(extra_args: list[str], timeout: float) -> dict:
 
 def _spawn_check(T: int, timeout: float) -> dict:
     return {"T": T, **_spawn_worker(["--check-worker", str(T)], timeout)}
+
+
+def head_to_head_lines(rows: list[dict]) -> list[str]:
+    """Markdown table of the one-process head-to-head timing."""
+    out = ["| T | reps | ours reverse ms/step | torchopt | higher | ours ÷ torchopt | "
+           "ours ÷ higher | IFT solve ours / torchopt ms | ratio |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| error | {r['error'][-200:]} |")
+            continue
+        m, sv = r["reverse_s_per_step"], r["ift_solve_s"]
+        out.append(f"| {r['T']} | {r['reps']} | {m['hyperdescent'] * 1e3:.3f} | "
+                   f"{m['torchopt'] * 1e3:.3f} | {m['higher'] * 1e3:.3f} | "
+                   f"{r['reverse_vs_torchopt']:.3f} | {r['reverse_vs_higher']:.3f} | "
+                   f"{sv['hyperdescent'] * 1e3:.1f} / {sv['torchopt'] * 1e3:.1f} | "
+                   f"{r['ift_solve_vs_torchopt']:.3f} |")
+    return out
+
+
+def print_head_to_head(rows: list[dict]) -> None:
+    print("head-to-head in one process (medians, implementations in turn):")
+    for line in head_to_head_lines(rows):
+        print("  " + line)
 
 
 def print_profile(p: dict) -> None:

@@ -182,3 +182,17 @@ def test_hand_written_tangent_rules_equal_torch_func_jvp(name):
             state, _ = engine.step(state, p.train_batch(t), leaves, t)
         out.append(torch.cat([z.reshape(-1) for d in engine.Z.values() for z in d.values()]))
     assert torch.allclose(out[0], out[1], rtol=1e-10, atol=1e-14)
+
+
+def test_cpu_peak_memory_is_read_where_the_unrolled_graph_peaks(monkeypatch):
+    """The RSS is read at the start, just before each segment's backward (sample_memory) and at
+    the end; the peak is the largest reading minus the start."""
+    import importlib
+
+    common = importlib.import_module("hyperdescent.hypergrad.common")
+    monkeypatch.setattr(common.CostMeter, "interval_s", 3600.0)  # no background readings
+    readings = iter([100 * 2 ** 20, 164 * 2 ** 20] + [101 * 2 ** 20] * 10)
+    monkeypatch.setattr(common, "rss_bytes", lambda: next(readings))
+    res = hd.hypergrad(build("mlp-momentum-global"), steps=3, method="reverse")
+    assert res.stats["memory_source"] == "rss_sampled"
+    assert res.stats["peak_memory_mb"] == pytest.approx(64.0)

@@ -47,8 +47,25 @@ def rss_bytes() -> int:
         return 0
 
 
+_ACTIVE: list[CostMeter] = []
+
+
+def sample_memory() -> None:
+    """Record the current memory in the active CostMeter(s): methods call it where their
+    memory peaks (an unrolled graph, just before its backward)."""
+    for meter in _ACTIVE:
+        meter.sample()
+
+
 class CostMeter:
-    """Wall time, peak memory above the start (CUDA allocator, else sampled RSS), HVP count."""
+    """Wall time, peak memory above the start (CUDA allocator, else sampled RSS), HVP count.
+
+    On CPU the RSS is read at the start and end, wherever a method calls `sample_memory`,
+    and every 50 ms by a background thread. The thread must take the GIL to read; at a 5 ms
+    interval that cost 13% of a reverse-mode run on the digits MLP, at 50 ms it is ~1%.
+    """
+
+    interval_s = 0.05
 
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
@@ -63,14 +80,20 @@ class CostMeter:
             self._base = torch.cuda.memory_allocated(self.device)
         else:
             self._base = self._peak = rss_bytes()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread = threading.Thread(target=self._sample_loop, daemon=True)
             self._thread.start()
+        _ACTIVE.append(self)
         self._t0 = time.perf_counter()
         return self
 
-    def _sample(self):
-        while not self._stop.wait(0.005):
+    def sample(self) -> None:
+        """Read the RSS now (CPU; on CUDA the allocator keeps its own peak)."""
+        if self.device.type != "cuda":
             self._peak = max(self._peak, rss_bytes())
+
+    def _sample_loop(self):
+        while not self._stop.wait(self.interval_s):
+            self.sample()
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
@@ -79,7 +102,8 @@ class CostMeter:
         else:
             self._stop.set()
             self._thread.join()
-            self._peak = max(self._peak, rss_bytes())
+            self.sample()
+        _ACTIVE.remove(self)
         self.wall_time = time.perf_counter() - self._t0
         return False
 

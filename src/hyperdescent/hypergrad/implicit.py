@@ -14,7 +14,15 @@ from .. import autodiff
 from ..errors import HyperparameterError
 from ..optim.base import axpy
 from ..problem import Problem
-from .common import CostMeter, HypergradResult, finish, hp_values, natural_leaves, run_plain
+from .common import (
+    CostMeter,
+    HypergradResult,
+    finish,
+    hp_values,
+    natural_leaves,
+    run_plain,
+    sample_memory,
+)
 
 
 def _refuse_non_stationary(problem: Problem) -> None:
@@ -116,6 +124,7 @@ def implicit(problem: Problem, steps: int, solver: str = "neumann", terms: int =
         else:
             q, used = cg_solve(hvp, v, iters, tol)
             extra = {"cg_iters": used}
+        sample_memory()  # the training gradient's graph and the solver's vectors are alive
         mixed = autodiff.vjp(F, lam_list, q)
         grads = {}
         for key, d, m in zip(lam, direct, mixed):

@@ -13,7 +13,15 @@ import torch
 
 from .. import autodiff
 from ..problem import InnerState, Problem
-from .common import CostMeter, HypergradResult, finish, hp_values, natural_leaves, run_plain
+from .common import (
+    CostMeter,
+    HypergradResult,
+    finish,
+    hp_values,
+    natural_leaves,
+    run_plain,
+    sample_memory,
+)
 
 
 def _differentiable_start(state: InnerState) -> tuple[InnerState, list[torch.Tensor]]:
@@ -60,6 +68,7 @@ def unrolled_hypergrad(problem: Problem, steps: int, start: int = 0, segment: in
             ends = [x for d in s.tensors().values() for x in d.values()]
             pairs = [(o, g) for o, g in zip(ends, adjoint) if o.requires_grad]
             outputs, grad_outputs = [o for o, _ in pairs], [g for _, g in pairs]
+        sample_memory()  # the segment's whole graph is alive here: the peak
         got = autodiff.vjp(outputs, inputs + lam_list, grad_outputs)
         adjoint = [g if g is not None else torch.zeros_like(x) for g, x in zip(got, inputs)]
         for j, g in enumerate(got[len(inputs):]):
