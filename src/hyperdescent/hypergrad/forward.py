@@ -210,8 +210,8 @@ class ForwardTangent:
         mixed = [k for k in keys if g_hp[k] is not None and g_hp[k].requires_grad]
         if Z is None and not mixed:
             return {n: p.new_zeros((n_active, *p.shape)) for n, p in params.items()}
-        outputs = [gn for gn in g.values() if gn.requires_grad] if Z is not None else []
         names = [n for n, gn in g.items() if gn.requires_grad] if Z is not None else []
+        outputs = [g[n] for n in names]
         out_rows: list[list[torch.Tensor]] = []
         for a in range(n_active):
             grad_outputs = [Z["params"][n][a] for n in names]

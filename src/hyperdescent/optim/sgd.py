@@ -6,6 +6,8 @@ import torch
 
 from .base import Optimizer, Params, State, axpy, flat_view, is_zero, lincomb, tangent_value, unflat
 
+_STEP_HPARAMS = ("lr", "weight_decay", "momentum", "dampening")
+
 
 class SGD(Optimizer):
     """Stochastic gradient descent (Sutskever et al. 2013 momentum form, as torch.optim.SGD)."""
@@ -26,26 +28,26 @@ class SGD(Optimizer):
         flat = self._flat_update(params, state, grads, hp)
         if flat is not None:
             return flat
-        nesterov = self.fixed["nesterov"]
         use_momentum = "momentum_buffer" in state
-        first = state["step"] == 0
         new_params, new_buf = {}, {}
         for n, p in params.items():
-            d = axpy(grads[n], self.value(hp, "weight_decay", n), p)
-            if use_momentum:
-                mu = self.value(hp, "momentum", n)
-                if first:
-                    buf = d
-                else:
-                    damp = self.value(hp, "dampening", n)
-                    buf = lincomb((1 - damp, d), (mu, state["momentum_buffer"][n]))
-                new_buf[n] = buf
-                d = axpy(d, mu, buf) if nesterov else buf
-            new_params[n] = axpy(p, self.value(hp, "lr", n), d, -1.0)
+            b0 = state["momentum_buffer"][n] if use_momentum else None
+            new_params[n], new_buf[n] = self._step(
+                p, grads[n], b0, state["step"], *(self.value(hp, k, n) for k in _STEP_HPARAMS))
         new_state: State = {"step": state["step"] + 1}
         if use_momentum:
             new_state["momentum_buffer"] = new_buf
         return new_params, new_state
+
+    def _step(self, p, g, b0, step: int, lr, wd, mu, damp):
+        """(new p, new momentum buffer or None) for one tensor: the arithmetic of `update`,
+        shared by the per-parameter and the concatenated path."""
+        d = axpy(g, wd, p)
+        buf = None
+        if b0 is not None:
+            buf = d if step == 0 else lincomb((1 - damp, d), (mu, b0))
+            d = axpy(d, mu, buf) if self.fixed["nesterov"] else buf
+        return axpy(p, lr, d, -1.0), buf
 
     def _flat_update(self, params: Params, state: State, grads: Params, hp):
         """The same step on all parameters concatenated, when it is built into a graph and
@@ -56,7 +58,7 @@ class SGD(Optimizer):
             return None
         first_name = next(iter(params))
         scalars = []
-        for k in ("lr", "weight_decay", "momentum", "dampening"):
+        for k in _STEP_HPARAMS:
             v = self.value(hp, k, first_name)
             if isinstance(hp, dict) and isinstance(hp.get(k), dict):
                 return None
@@ -72,21 +74,13 @@ class SGD(Optimizer):
             return None
         names = list(params)
         use_momentum = "momentum_buffer" in state
-        flat_params = flat_view(params, names)
-        d = axpy(flat_view(grads, names), wd, flat_params)
-        new_flat_buf = None
-        if use_momentum:
-            if state["step"] == 0:
-                new_flat_buf = d
-            else:
-                new_flat_buf = lincomb((1 - damp, d), (mu, flat_view(state["momentum_buffer"],
-                                                                     names)))
-            d = axpy(d, mu, new_flat_buf) if self.fixed["nesterov"] else new_flat_buf
-        new_params = unflat(axpy(flat_params, lr, d, -1.0), params)
+        b0 = flat_view(state["momentum_buffer"], names) if use_momentum else None
+        new_flat, new_flat_buf = self._step(flat_view(params, names), flat_view(grads, names),
+                                            b0, state["step"], lr, wd, mu, damp)
         new_state: State = {"step": state["step"] + 1}
         if use_momentum:
             new_state["momentum_buffer"] = unflat(new_flat_buf, params)
-        return new_params, new_state
+        return unflat(new_flat, params), new_state
 
     def tangent(self, params: Params, state: State, grads: Params, hp, dparams: Params,
                 dstate: dict, dgrads: Params, dhp) -> tuple[Params, dict]:
