@@ -44,7 +44,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 LR, WD, MOMENTUM, BATCH = 0.05, 1e-4, 0.9, 128
-HD_METHODS = ["reverse", "reverse_ckpt", "truncated", "forward", "greedy", "implicit"]
+HD_METHODS = ["reverse", "reverse_ckpt", "truncated", "forward", "forward_compiled", "greedy",
+              "implicit"]
 PEER_METHODS = {"torchopt": ["reverse", "implicit"], "higher": ["reverse"]}
 MEMORY_LIMIT_MB = 8000.0
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
@@ -116,12 +117,16 @@ class Clock:
 
 
 class PlainSGD:
-    """The reference: plain torch.optim.SGD steps (forward + backward + step), same batches."""
+    """The reference: plain torch.optim.SGD steps (forward + backward + step), same batches;
+    compiled=True runs the model through torch.compile (the like-for-like baseline of a
+    compiled method)."""
 
-    def __init__(self, problem):
+    def __init__(self, problem, compiled: bool = False):
         torch = _torch()
         self.problem, self.t = problem, 0
         self.net = make_model()
+        if compiled:
+            self.net = torch.compile(self.net)
         self.opt = torch.optim.SGD(self.net.parameters(), lr=LR, momentum=MOMENTUM,
                                    weight_decay=WD)
 
@@ -156,7 +161,9 @@ def run_hyperdescent(problem, method: str, T: int) -> tuple[dict, dict]:
     implicit_module = importlib.import_module("hyperdescent.hypergrad.implicit")
 
     extra: dict = {}
-    if method == "reverse_ckpt":
+    if method == "forward_compiled":
+        res = hd.hypergrad(problem, steps=T, method="forward", compile=True)
+    elif method == "reverse_ckpt":
         res = hd.hypergrad(problem, steps=T, method="reverse",
                            checkpoint_every=max(1, round(math.sqrt(T))))
     elif method == "truncated":
@@ -331,7 +338,14 @@ def worker(job: dict) -> dict:
     problem = make_problem(train, val, wd_only=(method == "implicit"))
     plain = PlainSGD(problem)
     plain.steps(5)  # warm-up
-    run_impl(problem, impl, method, min(T, 2))  # warm-up: lazy initialisation, code paths
+    compiled_plain = None
+    if method.endswith("_compiled"):
+        compiled_plain = PlainSGD(problem, compiled=True)
+        compiled_plain.steps(5)  # compiles the model's forward and backward
+    clock = Clock()
+    # warm-up: lazy initialisation, code paths, and torch.compile's compilation
+    run_impl(problem, impl, method, min(T, 2))
+    warmup_s = clock.read()[0]
     gc.collect()
     base_rss, setup_max = rss_mb(), maxrss_mb()
     load0 = os.getloadavg()[0]
@@ -347,6 +361,9 @@ def worker(job: dict) -> dict:
         runs.append({"wall_s": wall, "cpu_s": cpu, "plain_step_s": pw, "plain_step_cpu_s": pc,
                      "ratio": iw / T / pw, "cpu_ratio": ic / T / pc,
                      "inner_s": iw, "ift_solve_s": wall - iw, "ift_solve_cpu_s": cpu - ic})
+        if compiled_plain is not None:
+            cw = compiled_plain.time_step(block)[0]
+            runs[-1].update(plain_compiled_step_s=cw, ratio_to_compiled=iw / T / cw)
     peak_max = maxrss_mb()
 
     def med(key):
@@ -361,6 +378,10 @@ def worker(job: dict) -> dict:
            "baseline_rss_mb": base_rss, "maxrss_mb": peak_max,
            "peak_not_above_setup": peak_max <= setup_max,
            "loadavg_1min": [load0, os.getloadavg()[0]], "torch_threads": torch.get_num_threads()}
+    rec["warmup_s"] = warmup_s
+    if compiled_plain is not None:
+        rec.update(plain_compiled_step_s=med("plain_compiled_step_s"),
+                   ratio_to_compiled_plain_step=med("ratio_to_compiled"))
     if "inner" in extra:  # implicit: the T inner steps apart from the IFT solve
         rec.update(ift_solve_s=med("ift_solve_s"),
                    ift_solve_plain_steps=med("ift_solve_s") / rec["plain_step_s"],
@@ -373,7 +394,7 @@ def correctness(T: int = 10) -> dict:
     train, val = load_digits_split()
     problem = make_problem(train, val)
     ours = {m: run_hyperdescent(problem, m, T)[0]
-            for m in ("reverse", "reverse_ckpt", "forward", "truncated")}
+            for m in ("reverse", "reverse_ckpt", "forward", "forward_compiled", "truncated")}
     peers = {}
     for impl, fn in (("torchopt", run_torchopt_reverse), ("higher", run_higher_reverse)):
         try:
@@ -542,6 +563,7 @@ def notes_for(impl: str, method: str, T: int) -> str:
                 "reverse_ckpt": f"checkpoint_every={max(1, round(math.sqrt(T)))}",
                 "truncated": "window=10" + (" (= reverse at T<=10)" if T <= 10 else ""),
                 "forward": "2 tangent columns (lr, wd)",
+                "forward_compiled": "forward, compile=True; compilation apart (warmup_s)",
                 "greedy": "T-1 plain steps + 1 differentiated step",
                 "implicit": "wd only (lr fixed); neumann terms=20, alpha=lr; "
                             "ratio = the T inner steps, IFT solve reported apart"}[method]
@@ -593,6 +615,10 @@ def run_all(Ts: list[int], reps_small: int, quick: bool, timeout: float,
                     rec["estimated_peak_memory_mb"] = est
                 if rec.get("peak_not_above_setup"):
                     rec["notes"] += "; peak within setup's RSS (memory is an upper bound)"
+                if method.endswith("_compiled"):
+                    rec["notes"] += (f"; compiled in {rec['warmup_s']:.0f} s; "
+                                     f"{rec['ratio_to_compiled_plain_step']:.2f}x a plain step "
+                                     f"with the model compiled")
                 if method == "implicit":
                     rec["notes"] += (f"; IFT solve {rec['ift_solve_s'] * 1e3:.1f} ms = "
                                      f"{rec['ift_solve_plain_steps']:.1f} plain steps")

@@ -94,6 +94,7 @@ class Problem:
         self.val_data = self._batches(val, "val", val_batch_size, stream=1)
         self.test_data = None if test is None else self._batches(test, "test", val_batch_size, 2)
         self._training: bool | None = None
+        self.compiled_steps: dict = {}  # torch.compile'd step functions built for this problem
         self._check_space_names()
 
     # -- data ----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ class Adam(Optimizer):
 
     defaults = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}
     non_stationary = ("lr", "beta1", "beta2", "eps")
+    counts_steps = True
 
     def init(self, params: Params, hp_names=None) -> State:
         """Initial state: step 0, zero first and second moments."""

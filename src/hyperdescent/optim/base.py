@@ -38,6 +38,8 @@ class Optimizer:
     #: hyperparameters whose fixed point under IFT does not depend on them the way IFT assumes
     non_stationary: tuple[str, ...] = ("lr",)
     decoupled_weight_decay = False
+    #: whether `update` reads the step counter beyond "is this step 0" (Adam's bias correction)
+    counts_steps = False
 
     def __init__(self, **kwargs):
         if "betas" in kwargs:
