@@ -134,7 +134,8 @@ def granularity(task, seeds, steps):
 
 
 def overhead(task, seeds, steps):
-    """OHO wall time per step / plain torch.optim step, global and per-layer."""
+    """OHO wall time per step / plain torch.optim step, global and per-layer; forward also with
+    compile=True (its compilation, in the 20 warm-up steps, reported apart)."""
     torch_model = task.make_model(0)
     opt = torch.optim.SGD(torch_model.parameters(), lr=0.05, momentum=task.momentum)
     p = make_problem(task, 0, 0.05)
@@ -152,9 +153,13 @@ def overhead(task, seeds, steps):
     plain = (time.perf_counter() - t0) / steps
     out = {"plain_step_ms": plain * 1e3}
     for per in ("global", "layer"):
-        for method in ("forward", "greedy"):
-            tuner = hd.OnlineTuner(make_problem(task, 0, 0.05, per=per), method=method)
-            tuner.run(20)
+        for method, kw in (("forward", {}), ("greedy", {}), ("forward_compiled", {"compile": True})):
+            tuner = hd.OnlineTuner(make_problem(task, 0, 0.05, per=per),
+                                   method=method.removesuffix("_compiled"), **kw)
+            t0 = time.perf_counter()
+            tuner.run(20)  # warm-up; compile=True compiles here
+            if kw:
+                out[f"{method}_{per}_compile_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             tuner.run(20 + steps)
             per_step = (time.perf_counter() - t0) / steps
