@@ -132,6 +132,28 @@ def test_diverging_loss_rolls_back_and_halves_meta_lr():
     assert all(math.isfinite(v.item()) for v in tuner.hparams.values())
 
 
+def test_a_run_that_stalls_back_at_chance_is_caught_early():
+    """Loss 2.3 -> 1.9 over 30 steps, then drifting back to chance, 2.3 (dead ReLUs at too
+    large a learning rate): no spike, and under trend_factor's 20% of the best, but it gives
+    back more than `giveback` of the progress made."""
+    losses = ([2.3 - 0.4 * t / 30 for t in range(31)] + [1.9 + 0.4 * t / 30 for t in range(1, 31)]
+              + [2.3] * 20)
+
+    def first_alarm(giveback):
+        tuner = hd.OnlineTuner(make_problem(), giveback=giveback)
+        for t, loss in enumerate(losses):
+            tuner.t = t + 1
+            if tuner._spiked(loss):
+                return t
+        return None
+
+    assert first_alarm(float("inf")) is None
+    alarm = first_alarm(0.3)
+    assert alarm is not None and 31 < alarm < len(losses)
+    # the EMA must have given back more than 0.3 of the 0.4 gained, plus the 5% floor
+    assert losses[alarm] > 1.9 + 0.3 * 0.4 + 0.05 * 2.3
+
+
 def test_save_and_load_mid_run_continues_exactly(tmp_path):
     full = hd.OnlineTuner(make_problem(), meta_lr=0.1, snapshot_every=4)
     full.run(10)

@@ -54,7 +54,7 @@ class OnlineTuner:
                  meta_lr: float = 0.03, hyper_every: int = 1, reset_every: int | None = 50,
                  tune_on: str = "val", clip: float | None = 1.0, tangent: str = "exact",
                  window: int = 10, horizon: int | None = None, spike_factor: float = 3.0,
-                 trend_factor: float = 1.2,
+                 trend_factor: float = 1.2, giveback: float = 0.3,
                  snapshot_every: int = 25, max_rollbacks: int = 20,
                  backtrack: tuple[str, ...] = ("lr",), compile: bool | dict = False):
         if method not in METHODS:
@@ -74,7 +74,7 @@ class OnlineTuner:
         self.config = dict(method=method, meta_optimizer=meta_optimizer, meta_lr=meta_lr,
                            hyper_every=hyper_every, reset_every=reset_every, tune_on=tune_on,
                            clip=clip, tangent=tangent, window=window, horizon=horizon,
-                           spike_factor=spike_factor, trend_factor=trend_factor,
+                           spike_factor=spike_factor, trend_factor=trend_factor, giveback=giveback,
                            snapshot_every=snapshot_every,
                            max_rollbacks=max_rollbacks, backtrack=tuple(backtrack),
                            compile=compile)
@@ -198,7 +198,8 @@ class OnlineTuner:
     def _spiked(self, loss: float) -> bool:
         """Divergence: a batch loss far above the running average, above three times the
         first loss, or a running average that climbed well above its best (a slow blow-up
-        that kills ReLUs without any single spike)."""
+        that kills ReLUs without any single spike): by more than (trend_factor - 1) of the
+        best, or, early on, by more than `giveback` of the progress made since the start."""
         if self._smooth is None:
             self._smooth = self._first = loss
             self._best_smooth = loss
@@ -210,7 +211,11 @@ class OnlineTuner:
             # counts as a spike once it is also above where training started
             loss > max(self.config["spike_factor"] * max(self._smooth, floor), self._first)
             or loss > 3 * self._first
-            or (self.t > 20 and ema > self.config["trend_factor"] * self._best_smooth + floor))
+            or (self.t > 20 and ema > self._best_smooth + floor + min(
+                (self.config["trend_factor"] - 1) * self._best_smooth,
+                # early on, a loss that gives back a large share of the progress made is
+                # a run that has stalled at chance (dead ReLUs) before any spike shows
+                self.config["giveback"] * (self._first - self._best_smooth))))
         if not spiked:
             self._smooth = ema
             self._best_smooth = min(self._best_smooth, ema)
