@@ -69,14 +69,21 @@ def unrolled_hypergrad(problem: Problem, steps: int, start: int = 0, segment: in
             pairs = [(o, g) for o, g in zip(ends, adjoint) if o.requires_grad]
             outputs, grad_outputs = [o for o, _ in pairs], [g for _, g in pairs]
         sample_memory()  # the segment's whole graph is alive here: the peak
-        got = autodiff.vjp(outputs, inputs + lam_list, grad_outputs)
-        adjoint = [g if g is not None else torch.zeros_like(x) for g, x in zip(got, inputs)]
-        for j, g in enumerate(got[len(inputs):]):
+        # the first segment's start is held constant, so its adjoint is not asked for: autograd
+        # then prunes the first step's gradient graph (its vector-Hessian product), which
+        # leads only to that start
+        wrt = inputs + lam_list if i > 0 else lam_list
+        got = autodiff.vjp(outputs, wrt, grad_outputs)
+        if i > 0:
+            adjoint = [g if g is not None else torch.zeros_like(x) for g, x in zip(got, inputs)]
+        for j, g in enumerate(got[len(wrt) - len(lam_list):]):
             if g is not None:
                 grads[j] = grads[j] + g
     # backpropagating the state adjoint through one step's gradient is one vector-Hessian
-    # product (autograd does it inside the graph, never as a separate call)
-    return value, dict(zip(lam, grads)), {"segments": len(bounds), "hvps": steps - start}
+    # product (autograd does it inside the graph, never as a separate call); the first step's
+    # is pruned
+    return value, dict(zip(lam, grads)), {"segments": len(bounds),
+                                          "hvps": max(0, steps - start - 1)}
 
 
 def reverse(problem: Problem, steps: int, checkpoint_every: int | None = None,
