@@ -6,7 +6,6 @@ import torch
 from helpers import bn_convnet, data, image_data, mlp, problem
 
 import hyperdescent as hd
-from hyperdescent.errors import HyperparameterError
 
 STEPS = 6
 
@@ -74,9 +73,25 @@ def test_online_tuner_compiled_follows_the_eager_tuner(sgd_problem):
     assert len(sgd_problem.compiled_steps) == 1  # the engine of the tuner reused it
 
 
-def test_compile_refuses_models_with_buffers():
+def test_compiled_forward_with_batchnorm_buffers():
+    """Running statistics: None inside the transforms, updated by a separate forward."""
     x, y = image_data()
-    p = problem(bn_convnet(), hd.Space({"lr": hd.Real(0.05, low=1e-4, high=1.0, log=True)}),
+    p = problem(bn_convnet(), hd.Space({"lr": hd.Real(0.05, low=1e-4, high=1.0, log=True),
+                                        "weight_decay": hd.Real(1e-2, low=1e-6, high=1.0,
+                                                                log=True)}),
                 hd.optim.SGD(momentum=0.9), x=x, y=y, eval_mode=False)
-    with pytest.raises(HyperparameterError, match="buffers"):
-        hd.hypergrad(p, steps=2, method="forward", compile=True)
+    check_against_eager_and_reverse(p)
+    from hyperdescent.hypergrad.forward import ForwardTangent
+
+    states = []
+    for compile in (False, True):
+        engine = ForwardTangent(p, STEPS, compile=compile)
+        leaves = {k: v.detach() for k, v in hd.space.flatten(p.real_hparams()).items()}
+        state = p.init_state()
+        for t in range(STEPS):
+            state, _ = engine.step(state, p.train_batch(t), leaves, t)
+        states.append(state.buffers)
+    assert any("running_mean" in n for n in states[1])
+    for n, b in states[0].items():
+        assert torch.allclose(states[1][n], b, rtol=1e-12, atol=1e-14), n
+        assert not torch.equal(b, p.buffers0[n]), n  # the statistics did move

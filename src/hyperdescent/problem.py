@@ -177,7 +177,8 @@ class Problem:
     def train_loss(self, params: Params, buffers: Params, batch: Batch, hp: Mapping[str, Any]
                    ) -> tuple[torch.Tensor, Params]:
         """Training loss (plus regularizer) of a batch, and the updated buffers."""
-        new_buffers = {n: b.clone() for n, b in buffers.items()}
+        # None stands for BatchNorm running statistics left out (batch statistics only)
+        new_buffers = {n: None if b is None else b.clone() for n, b in buffers.items()}
         x, y = batch
         loss = self.loss_fn(self.forward(params, new_buffers, x, True), y)
         if self.regularizer is not None:

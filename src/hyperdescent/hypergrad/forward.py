@@ -222,12 +222,12 @@ class ForwardTangent:
         rows, dhp = self._direction(tuple(range(len(self.columns))), direct, hp_cur,
                                     state.params)
         opt_keys = list(tensor_state(state.opt))
-        new_p, new_opt, dp, do, loss = self._fused(
-            state.params, state.opt, self.Z["params"], {k: self.Z[k] for k in opt_keys},
-            batch, hp_cur, rows, dhp)
+        new_p, new_buffers, new_opt, dp, do, loss = self._fused(
+            state.params, state.buffers, state.opt, self.Z["params"],
+            {k: self.Z[k] for k in opt_keys}, batch, hp_cur, rows, dhp)
         self.hvps += len(self.columns)
         self.Z = {"params": dp, **do}
-        return InnerState(new_p, new_opt, state.buffers, state.t + 1), loss.detach()
+        return InnerState(new_p, new_opt, new_buffers, state.t + 1), loss.detach()
 
     def _dgrad(self, params, g, g_hp, keys, rows, Z, direct, n_active):
         """Rows of d(∇L)/dλ along each column: H·Zθ + ∂²L/∂θ∂λ·e_j, one backward per row
