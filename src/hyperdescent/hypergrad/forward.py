@@ -113,6 +113,11 @@ class ForwardTangent:
         sched = self.schedules[key]
         return None if sched is None else sched.block(t, self.horizon)
 
+    def _direct(self, t: int) -> list[bool]:
+        """Per column: does step t's update depend directly on its hyperparameter (a global
+        one, or the schedule block that step t is in)?"""
+        return [c.block is None or c.block == self._block(c.leaf, t) for c in self.columns]
+
     def current(self, leaves: dict[str, torch.Tensor], t: int) -> dict[str, torch.Tensor]:
         """The per-step values of every leaf at step t (block k of a schedule)."""
         out = {}
@@ -170,7 +175,7 @@ class ForwardTangent:
                                           tensor_state(new_state))
             return InnerState(new_params, opt_state, buffers, state.t + 1)
 
-        direct_all = [c.block is None or c.block == self._block(c.leaf, t) for c in self.columns]
+        direct_all = self._direct(t)
         # columns of blocks that have not started (or finished before a reset) stay zero
         active = tuple(j for j, c in enumerate(self.columns) if self.started[j] or direct_all[j])
         rule = self.use_tangent_rule and getattr(opt, "tangent", None) is not None
@@ -217,8 +222,7 @@ class ForwardTangent:
     def _fused_step(self, state: InnerState, batch, leaves, t: int):
         """`step` by the compiled pure function, every column at once."""
         hp_cur = self.current(leaves, t)
-        direct = tuple(c.block is None or c.block == self._block(c.leaf, t)
-                       for c in self.columns)
+        direct = tuple(self._direct(t))
         rows, dhp = self._direction(tuple(range(len(self.columns))), direct, hp_cur,
                                     state.params)
         opt_keys = list(tensor_state(state.opt))
