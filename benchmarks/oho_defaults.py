@@ -1,4 +1,4 @@
-"""Pick OnlineTuner defaults by experiment: meta_lr x reset_every from poor starting learning rates.
+"""Pick OnlineTuner defaults by experiment: meta_lr x reset_every x hyper_every from poor starts.
 
 Run: .venv/bin/python benchmarks/oho_defaults.py [--tasks digits_mlp mnist1d_mlp] [--steps 600]
 Writes benchmarks/results/oho_defaults.json and prints a table of final test loss per setting.
@@ -35,7 +35,7 @@ def oho_run(task, lr0, steps, seed=0, **tuner_kw):
         ev = tuner.evaluate("test")
     except FloatingPointError:
         ev = {"loss": float("inf"), "acc": 0.0}
-    return {"lr0": lr0, "test_loss": ev["loss"], "test_acc": ev["acc"],
+    return {"lr0": lr0, "seed": seed, "test_loss": ev["loss"], "test_acc": ev["acc"],
             "final_lr": float(tuner.hparams["lr"]), "rollbacks": tuner.rollbacks,
             "seconds": time.perf_counter() - t0}
 
@@ -46,6 +46,10 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--meta-lrs", type=float, nargs="+", default=[0.01, 0.03, 0.1])
     ap.add_argument("--resets", nargs="+", default=["none", "50"])
+    ap.add_argument("--hyper-every", type=int, nargs="+", default=[1],
+                    help="meta-step intervals; each meta_lr is scaled by the interval, so that "
+                         "the hyperparameters may move as far per inner step")
+    ap.add_argument("--seeds", type=int, default=1, help="seeds per starting learning rate")
     ap.add_argument("--out", default="benchmarks/results/oho_defaults.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -54,15 +58,19 @@ def main(argv=None):
         task = hd.tasks.get(name)
         base = task.space["lr"].init
         starts = [base / 100, base, base * 10]
-        for mlr, reset in itertools.product(args.meta_lrs, args.resets):
+        for base_mlr, reset, every in itertools.product(args.meta_lrs, args.resets,
+                                                        args.hyper_every):
             reset_every = None if reset == "none" else int(reset)
-            runs = [oho_run(task, lr0, args.steps, meta_lr=mlr, reset_every=reset_every)
-                    for lr0 in starts]
-            rec = {"task": name, "meta_lr": mlr, "reset_every": reset_every, "runs": runs,
+            mlr = base_mlr * every
+            runs = [oho_run(task, lr0, args.steps, meta_lr=mlr, reset_every=reset_every,
+                            hyper_every=every, seed=seed)
+                    for lr0 in starts for seed in range(args.seeds)]
+            rec = {"task": name, "meta_lr": mlr, "seeds": args.seeds, "reset_every": reset_every,
+                   "hyper_every": every, "runs": runs,
                    "worst_test_loss": max(r["test_loss"] for r in runs),
                    "median_test_loss": statistics.median(r["test_loss"] for r in runs)}
             records.append(rec)
-            print(f"{name:12s} meta_lr={mlr:<5} reset={str(reset_every):5s} "
+            print(f"{name:12s} meta_lr={mlr:<5} reset={str(reset_every):5s} every={every} "
                   + " ".join(f"{r['lr0']:.0e}->{r['test_loss']:.3f}(lr {r['final_lr']:.3g})"
                              for r in runs), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

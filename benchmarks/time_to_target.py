@@ -2,7 +2,9 @@
 
 The target is the median over seeds of TPE's final best validation loss after 30 trials of
 `--trial-steps` steps; every method's clock is measured by the experiment harness (a black-box
-trial is charged all its steps). OHO runs one training run of `--oho-steps` steps.
+trial is charged all its steps; a trial's value is known when it ends). OHO runs one training
+run of `--oho-steps` steps and evaluates the whole validation split every `--oho-eval-every`
+steps, on its clock.
 
 Run: .venv/bin/python benchmarks/time_to_target.py [--seeds 5] [--trials 30]
 Writes benchmarks/results/time_to_target.json and prints a table.
@@ -44,13 +46,25 @@ def run(text, out):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def time_to(records, method, seed, target):
-    """First measured elapsed time at which the best val loss <= target (None if never)."""
+def first_hit(records, method, seed, target):
+    """The first record at which the best val loss <= target (None if never)."""
     for r in records:
         if r.get("method") == method and r.get("seed") == seed and \
                 r.get("best_val_loss") is not None and r["best_val_loss"] <= target:
-            return r["elapsed_s"]
+            return r
     return None
+
+
+def time_to(records, method, seed, target):
+    """First measured elapsed time at which the best val loss <= target (None if never)."""
+    hit = first_hit(records, method, seed, target)
+    return None if hit is None else hit["elapsed_s"]
+
+
+def steps_to(records, method, seed, target):
+    """Inner steps executed (all trials' for black-box) when the target was first reached."""
+    hit = first_hit(records, method, seed, target)
+    return None if hit is None else hit["inner_steps"]
 
 
 def main(argv=None):
@@ -59,6 +73,8 @@ def main(argv=None):
     ap.add_argument("--trials", type=int, default=30)
     ap.add_argument("--trial-steps", type=int, default=300)
     ap.add_argument("--oho-steps", type=int, default=1500)
+    ap.add_argument("--oho-eval-every", type=int, default=10,
+                    help="OHO's full-validation evaluations, charged to its clock, every N steps")
     ap.add_argument("--oho-setting", action="append", default=[], metavar="KEY=VALUE",
                     help="an OnlineTuner / harness setting for OHO (TOML value), repeatable")
     ap.add_argument("--target", type=float,
@@ -66,19 +82,27 @@ def main(argv=None):
                          "nothing is written to results/)")
     args = ap.parse_args(argv)
     seeds = list(range(args.seeds))
-    oho_settings = dict(kv.split("=", 1) for kv in args.oho_setting)
+    oho_settings = {"eval_every": str(args.oho_eval_every),
+                    **dict(kv.split("=", 1) for kv in args.oho_setting)}
+    records: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        bb = [] if args.target is not None else run(
-            config("bb", args.trial_steps, [("random", "random", {}), ("TPE", "tpe", {})],
-                   seeds, {"trials": args.trials}), Path(tmp) / "bb")
-        oho = run(config("oho", args.oho_steps, [("OHO", "oho", oho_settings)], seeds,
-                         {"inner_steps": args.oho_steps}), Path(tmp) / "oho")
-    records = bb + oho
+        # seed by seed, the black-box searches and OHO run next to each other in time, so a
+        # machine that slows down for a while (shared hosts do) slows both alike
+        for seed in seeds:
+            if args.target is None:
+                records += run(config(f"bb{seed}", args.trial_steps,
+                                      [("random", "random", {}), ("TPE", "tpe", {})],
+                                      [seed], {"trials": args.trials}), Path(tmp) / f"bb{seed}")
+            records += run(config(f"oho{seed}", args.oho_steps, [("OHO", "oho", oho_settings)],
+                                  [seed], {"inner_steps": args.oho_steps}),
+                           Path(tmp) / f"oho{seed}")
     if args.target is not None:
         times = [time_to(records, "OHO", s, args.target) for s in seeds]
+        steps = [steps_to(records, "OHO", s, args.target) for s in seeds]
         print(f"OHO {oho_settings}: times to {args.target} {times}, median "
-              f"{statistics.median(t if t is not None else float('inf') for t in times):.2f}s")
-        return {"times_s": times}
+              f"{statistics.median(t if t is not None else float('inf') for t in times):.2f}s; "
+              f"inner steps {steps}")
+        return {"times_s": times, "inner_steps": steps}
 
     def final_best(method, seed):
         vals = [r["best_val_loss"] for r in records if r.get("method") == method
@@ -91,6 +115,7 @@ def main(argv=None):
         times = [time_to(records, method, s, target) for s in seeds]
         reached = [t for t in times if t is not None]
         table[method] = {"times_s": times, "reached": len(reached),
+                         "inner_steps": [steps_to(records, method, s, target) for s in seeds],
                          "median_s": statistics.median(t if t is not None else float("inf")
                                                        for t in times),
                          "final_best": [final_best(method, s) for s in seeds]}

@@ -47,7 +47,12 @@ def test_methods_and_meta_optimizers_run(method, meta):
     p = make_problem()
     tuner = hd.OnlineTuner(p, method=method, meta_optimizer=meta, meta_lr=0.05, window=3)
     tuner.run(6)
-    assert all(math.isfinite(r["val_loss"]) for r in tuner.history)
+    meta_steps = [r for r in tuner.history if "val_loss" in r]
+    # the default hyper_every=2: a meta-step after inner steps 2, 4 and 6
+    assert [r["step"] for r in meta_steps] == [1, 3, 5]
+    assert all(math.isfinite(r["val_loss"]) and math.isfinite(r["hypergrad_norm"])
+               for r in meta_steps)
+    assert all("tangent_norm" in r and "train_loss" in r for r in tuner.history)
 
 
 def test_per_layer_adam_beta1_and_summed_tangent():
@@ -103,7 +108,7 @@ def test_per_layer_schedule_needs_model_and_groups():
 
 def test_non_finite_hypergradient_skips_the_meta_step(monkeypatch):
     p = make_problem()
-    tuner = hd.OnlineTuner(p, meta_lr=0.1)
+    tuner = hd.OnlineTuner(p, meta_lr=0.1, hyper_every=1)
     before = {k: v.clone() for k, v in tuner.raw.items()}
     monkeypatch.setattr(tuner.engine, "hypergrad",
                         lambda state, vb: (1.0, {k: torch.full_like(v, math.nan)
@@ -123,7 +128,7 @@ def test_diverging_loss_rolls_back_and_halves_meta_lr():
         return loss * math.nan if calls["n"] == 19 else loss  # train loss of step 9
 
     p = make_problem(loss=flaky_loss)
-    tuner = hd.OnlineTuner(p, meta_lr=0.1, snapshot_every=4)
+    tuner = hd.OnlineTuner(p, meta_lr=0.1, snapshot_every=4, hyper_every=1)
     tuner.run(12)
     assert tuner.rollbacks == 1
     assert tuner.meta_lr == pytest.approx(0.05)

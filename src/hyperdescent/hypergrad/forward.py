@@ -316,7 +316,8 @@ class ForwardTangent:
         """Frobenius norm of the weight part of Z."""
         if self.Z is None:
             return 0.0
-        return sum(float((z * z).sum()) for z in self.Z["params"].values()) ** 0.5
+        norms = [torch.linalg.vector_norm(z) for z in self.Z["params"].values()]
+        return float(torch.linalg.vector_norm(torch.stack(norms)))
 
     def state_dict(self) -> dict:
         """The tangent, for saving a tuner mid-run."""
