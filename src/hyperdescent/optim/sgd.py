@@ -42,12 +42,18 @@ class SGD(Optimizer):
     def _step(self, p, g, b0, step: int, lr, wd, mu, damp):
         """(new p, new momentum buffer or None) for one tensor: the arithmetic of `update`,
         shared by the per-parameter and the concatenated path."""
-        d = axpy(g, wd, p)
-        buf = None
+        new_p, buf, _, _ = self._step_parts(p, g, b0, step, lr, wd, mu, damp)
+        return new_p, buf
+
+    def _step_parts(self, p, g, b0, step: int, lr, wd, mu, damp):
+        """`_step` with its intermediates: (new p, new buffer or None, the decayed gradient
+        g + wd*p, the direction p moves along), which the tangent rule reuses."""
+        decayed = axpy(g, wd, p)
+        d, buf = decayed, None
         if b0 is not None:
-            buf = d if step == 0 else lincomb((1 - damp, d), (mu, b0))
-            d = axpy(d, mu, buf) if self.fixed["nesterov"] else buf
-        return axpy(p, lr, d, -1.0), buf
+            buf = decayed if step == 0 else lincomb((1 - damp, decayed), (mu, b0))
+            d = axpy(decayed, mu, buf) if self.fixed["nesterov"] else buf
+        return axpy(p, lr, d, -1.0), buf, decayed, d
 
     def _flat_update(self, params: Params, state: State, grads: Params, hp):
         """The same step on all parameters concatenated, when it is built into a graph and
@@ -93,35 +99,26 @@ class SGD(Optimizer):
         return self._tangent(params, state, grads, hp, dparams, dstate, dgrads, dhp, True)
 
     def _tangent(self, params, state, grads, hp, dparams, dstate, dgrads, dhp, primal: bool):
-        nesterov = self.fixed["nesterov"]
         use_momentum = "momentum_buffer" in state
-        first = state["step"] == 0
         out_p, out_b, new_p, new_b = {}, {}, {}, {}
         for n, p in params.items():
-            d, dd = grads[n], dgrads[n]
-            wd, dwd = self.value(hp, "weight_decay", n), tangent_value(dhp, "weight_decay", n)
-            if not is_zero(wd) or not is_zero(dwd):
-                d, dd = lincomb((1, d), (wd, p)), lincomb((1, dd), (dwd, p), (wd, dparams[n]))
+            lr, wd, mu, damp = (self.value(hp, k, n) for k in _STEP_HPARAMS)
+            dlr, dwd, dmu, ddamp = (tangent_value(dhp, k, n) for k in _STEP_HPARAMS)
+            b0 = state["momentum_buffer"][n] if use_momentum else None
+            new_p[n], buf, decayed, d = self._step_parts(p, grads[n], b0, state["step"],
+                                                         lr, wd, mu, damp)
+            dd = lincomb((1, dgrads[n]), (dwd, p), (wd, dparams[n]))
             if use_momentum:
-                mu, dmu = self.value(hp, "momentum", n), tangent_value(dhp, "momentum", n)
-                if first:
-                    buf, dbuf = d, dd
+                if state["step"] == 0:
+                    dbuf = dd
                 else:
-                    damp = self.value(hp, "dampening", n)
-                    ddamp = tangent_value(dhp, "dampening", n)
-                    b0, db0 = state["momentum_buffer"][n], dstate["momentum_buffer"][n]
-                    buf = lincomb((mu, b0), (1 - damp, d))
-                    dbuf = lincomb((dmu, b0), (mu, db0), (1 - damp, dd), (-ddamp, d))
+                    dbuf = lincomb((dmu, b0), (mu, dstate["momentum_buffer"][n]),
+                                   (1 - damp, dd), (-ddamp, decayed))
                 out_b[n], new_b[n] = dbuf, buf
-                if nesterov:
-                    d, dd = lincomb((1, d), (mu, buf)), lincomb((1, dd), (dmu, buf), (mu, dbuf))
-                else:
-                    d, dd = buf, dbuf
-            lr, dlr = self.value(hp, "lr", n), tangent_value(dhp, "lr", n)
+                dd = lincomb((1, dd), (dmu, buf), (mu, dbuf)) if self.fixed["nesterov"] else dbuf
             out_p[n] = axpy(axpy(dparams[n], dlr, d, -1.0), lr, dd, -1.0)
-            if primal:
-                new_p[n] = axpy(p, lr, d, -1.0)
         new_state: State = {"step": state["step"] + 1}
         if use_momentum:
             new_state["momentum_buffer"] = new_b
-        return new_p, new_state, out_p, ({"momentum_buffer": out_b} if use_momentum else {})
+        return (new_p if primal else {}), new_state, out_p, \
+            ({"momentum_buffer": out_b} if use_momentum else {})
