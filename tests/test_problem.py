@@ -138,3 +138,38 @@ def test_engine_vjp_equals_torch_autograd_grad():
     hv = autodiff.vjp(g[:2], [w, b], u, retain_graph=True)
     ref_hv = torch.autograd.grad(ref, [w, b], u)
     assert all(torch.allclose(a, r, rtol=1e-12) for a, r in zip(hv, ref_hv))
+
+
+def test_forward_swaps_tensors_in_as_functional_call_does_and_restores_the_module():
+    """The fast path for untied models: same output, same in-place buffer updates, the
+    module's own tensors back in place afterwards, also when the forward raises."""
+    from helpers import bn_convnet, image_data
+    from torch.func import functional_call
+
+    x, y = image_data()
+    p = hd.Problem(bn_convnet(), optimizer=hd.optim.SGD(), train=(x, y), val=(x, y), batch_size=8)
+    assert p._slots is not None
+    own = {n: t for n, t in p.model.state_dict(keep_vars=True).items()}
+    params = {n: t.detach() * 1.5 for n, t in p.params0.items()}
+    for training in (True, False):
+        fast = {n: b.clone() for n, b in p.buffers0.items()}
+        ref = {n: b.clone() for n, b in p.buffers0.items()}
+        out = p.forward(params, fast, x, training)
+        expected = functional_call(p.model, (params, ref), (x,))
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        for n in fast:
+            torch.testing.assert_close(fast[n], ref[n], rtol=0, atol=0)
+    assert all(t is own[n] for n, t in p.model.state_dict(keep_vars=True).items())
+    with pytest.raises(RuntimeError):
+        p.forward(params, p.buffers0, x[:, :, :2, :2], True)  # too small for the conv
+    assert all(t is own[n] for n, t in p.model.state_dict(keep_vars=True).items())
+
+
+def test_tied_or_parametrized_models_take_functional_call():
+    tied = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)).double()
+    tied[1].weight = tied[0].weight
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 4, (8,))
+    assert hd.Problem(tied, optimizer=hd.optim.SGD(), train=(x, y), val=(x, y))._slots is None
+    model = torch.nn.Linear(4, 4).double()
+    torch.nn.utils.parametrize.register_parametrization(model, "weight", torch.nn.Identity())
+    assert hd.Problem(model, optimizer=hd.optim.SGD(), train=(x, y), val=(x, y))._slots is None

@@ -23,6 +23,17 @@ from .space import Space
 Params = dict[str, torch.Tensor]
 
 
+def _tensor_slots(model: torch.nn.Module) -> dict[str, tuple[dict, str]]:
+    """For each parameter and buffer name, the registry dict and key that hold it."""
+    slots = {}
+    for kind, named in (("_parameters", model.named_parameters()),
+                        ("_buffers", model.named_buffers())):
+        for name, _ in named:
+            owner, _, key = name.rpartition(".")
+            slots[name] = (getattr(model.get_submodule(owner), kind), key)
+    return slots
+
+
 @dataclass
 class InnerState:
     """s_t: weights, optimizer state (step counter + tensors), BatchNorm-like buffers, step t."""
@@ -87,6 +98,8 @@ class Problem:
         self._tied = (len(list(model.named_parameters(remove_duplicate=False))) != len(self.params0)
                       or len(list(model.named_buffers(remove_duplicate=False)))
                       != len(self.buffers0))
+        self._slots = None if self._tied or torch.nn.utils.parametrize.is_parametrized(model) \
+            else _tensor_slots(model)
         self.bound = self.space.bind(model)
         self._natural = self.bound.initial(dtype=self.dtype, device=self.device)
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
@@ -172,7 +185,23 @@ class Problem:
     def forward(self, params: Params, buffers: Params, x: torch.Tensor, training: bool):
         """Model output for weights `params`; in training mode buffers are updated in place."""
         self._set_mode(training)
-        return functional_call(self.model, (params, buffers), (x,), tie_weights=self._tied)
+        if self._slots is None or torch.compiler.is_compiling() or \
+                len(params) + len(buffers) != len(self._slots):
+            return functional_call(self.model, (params, buffers), (x,), tie_weights=self._tied)
+        # what functional_call does for an untied, unparametrized model, minus its generality:
+        # ~60 µs of a 0.2 ms forward of a small MLP
+        slots = self._slots
+        saved = [(table, key, table[key]) for table, key in
+                 (slots[n] for d in (params, buffers) for n in d)]
+        try:
+            for d in (params, buffers):
+                for n, t in d.items():
+                    table, key = slots[n]
+                    table[key] = t
+            return self.model(x)
+        finally:
+            for table, key, old in saved:
+                table[key] = old
 
     def train_loss(self, params: Params, buffers: Params, batch: Batch, hp: Mapping[str, Any]
                    ) -> tuple[torch.Tensor, Params]:
