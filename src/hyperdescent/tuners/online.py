@@ -50,8 +50,9 @@ class OnlineTuner:
     tangent reset every 50 steps) come from benchmarks/oho_defaults.py: as good as a meta-step
     every step at half the meta_lr on every bundled task, for a sixth less time per step.
     `history` holds one record per inner step (train loss, hyperparameters used, tangent norm,
-    wall time) with the validation loss and hypergradient norm on meta-steps. compile=True runs the forward engine's steps as one
-    torch.compile'd function (faster per step after a compilation of tens of seconds).
+    wall time) with the validation loss and hypergradient norm on meta-steps. compile=True
+    runs the forward engine's steps as one torch.compile'd function (faster per step after a
+    compilation of tens of seconds).
     """
 
     def __init__(self, problem: Problem, method: str = "forward", meta_optimizer: str = "adam",
