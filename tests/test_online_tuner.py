@@ -45,10 +45,11 @@ def test_online_hypergradient_is_the_forward_engine_when_meta_lr_is_zero():
 @pytest.mark.parametrize("meta", ["adam", "sgd", "sign"])
 def test_methods_and_meta_optimizers_run(method, meta):
     p = make_problem()
-    tuner = hd.OnlineTuner(p, method=method, meta_optimizer=meta, meta_lr=0.05, window=3)
+    tuner = hd.OnlineTuner(p, method=method, meta_optimizer=meta, meta_lr=0.05, window=3,
+                           hyper_every=2)
     tuner.run(6)
     meta_steps = [r for r in tuner.history if "val_loss" in r]
-    # the default hyper_every=2: a meta-step after inner steps 2, 4 and 6
+    # hyper_every=2: a meta-step after inner steps 2, 4 and 6
     assert [r["step"] for r in meta_steps] == [1, 3, 5]
     assert all(math.isfinite(r["val_loss"]) and math.isfinite(r["hypergrad_norm"])
                for r in meta_steps)

@@ -17,7 +17,7 @@ A config names a task, seeds, one budget shared by every method, and the methods
     [[methods]]
     label = "OHO"
     kind = "oho"                        # oho | greedy | truncated | random | grid | tpe | gp
-    settings = { meta_lr = 0.06 }       #  | cmaes | qmc
+    settings = { meta_lr = 0.03 }       #  | cmaes | qmc
     [[methods]]
     label = "TPE + hyperband"
     kind = "tpe"

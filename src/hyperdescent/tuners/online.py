@@ -46,17 +46,18 @@ class OnlineTuner:
     method: "forward" (exact RTRL tangent, or OHO's `tangent="summed"` approximation),
     "greedy" (tangent reset every step: one-step lookahead) or "truncated" (backprop through
     the last `window` steps). Meta-steps are taken in raw coordinates (log / logit), so values
-    never leave their bounds. The defaults (a meta-step every 2 inner steps with meta_lr 0.06,
-    tangent reset every 50 steps) come from benchmarks/oho_defaults.py: as good as a meta-step
-    every step at half the meta_lr on every bundled task, for a sixth less time per step.
-    `history` holds one record per inner step (train loss, hyperparameters used, tangent norm,
-    wall time) with the validation loss and hypergradient norm on meta-steps. compile=True
+    never leave their bounds. The defaults (meta_lr 0.03, tangent reset every 50 steps) come from
+    benchmarks/oho_defaults.py. `history` holds one record per inner step (train loss,
+    hyperparameters used, tangent norm, wall time) with the validation loss and hypergradient
+    norm on meta-steps, which are every step by default. hyper_every=2 with meta_lr=0.06 did as
+    well on every bundled task for a sixth less time per step (oho_defaults.py
+    --hyper-every 1 2), at the price of those two entries on every other step only. compile=True
     runs the forward engine's steps as one torch.compile'd function (faster per step after a
     compilation of tens of seconds).
     """
 
     def __init__(self, problem: Problem, method: str = "forward", meta_optimizer: str = "adam",
-                 meta_lr: float = 0.06, hyper_every: int = 2, reset_every: int | None = 50,
+                 meta_lr: float = 0.03, hyper_every: int = 1, reset_every: int | None = 50,
                  tune_on: str = "val", clip: float | None = 1.0, tangent: str = "exact",
                  window: int = 10, horizon: int | None = None, spike_factor: float = 3.0,
                  trend_factor: float = 1.2, giveback: float = 0.3,
