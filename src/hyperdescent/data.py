@@ -84,7 +84,8 @@ class ReplayableBatches:
         if self.full:
             return self.x, self.y
         idx = self.indices(t)
-        return self.x[idx], self.y[idx]
+        # index_select, not x[idx]: advanced indexing is ~5x slower on CPU for small batches
+        return self.x.index_select(0, idx), self.y.index_select(0, idx)
 
 
 class StreamBatches:

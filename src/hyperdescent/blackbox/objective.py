@@ -238,7 +238,9 @@ class TaskObjective:
                 perm = torch.randperm(n, generator=gen).to(self.device)
             idx = perm[i * bs:(i + 1) * bs]
             optimizer.zero_grad(set_to_none=True)
-            loss = task.loss(model(xtr[idx]), ytr[idx])
+            # index_select, not x[idx]: advanced indexing takes ~5x longer on CPU (40 vs 8 µs
+            # for 128 rows of digits), a few percent of a small model's step
+            loss = task.loss(model(xtr.index_select(0, idx)), ytr.index_select(0, idx))
             if not torch.isfinite(loss.detach()):
                 return self._diverged(trial, attrs, finish, curve, t, val_acc,
                                       f"training loss became {loss.item()} at step {t}")
