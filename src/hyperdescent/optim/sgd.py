@@ -134,14 +134,16 @@ class SGD(Optimizer):
         weight decay given (with their tangents) as tensors: `_heavy_ball_tangent`'s case."""
         if "momentum_buffer" not in state or state["step"] == 0 or self.fixed["nesterov"]:
             return False
-        if not is_zero(self.fixed["dampening"]) or is_zero(self.fixed["momentum"]):
+        mu = self.fixed["momentum"]
+        if not is_zero(self.fixed["dampening"]) or not isinstance(mu, (int, float)) or mu == 0:
             return False
         if not isinstance(hp, dict) or not isinstance(dhp, dict):
             return False
         if any(k in hp or k in dhp for k in ("momentum", "dampening")):
             return False
-        return all(isinstance(d.get(k), (torch.Tensor, dict)) for d in (hp, dhp)
-                   for k in ("lr", "weight_decay"))
+        values = [d.get(k) for d in (hp, dhp) for k in ("lr", "weight_decay")]
+        return all(isinstance(v, torch.Tensor) or isinstance(v, dict) and
+                   all(isinstance(x, torch.Tensor) for x in v.values()) for v in values)
 
     def _heavy_ball_tangent(self, params, state, grads, hp, dparams, dstate, dgrads, dhp,
                             primal: bool):
