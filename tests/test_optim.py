@@ -97,3 +97,30 @@ def test_update_gradcheck_wrt_every_hyperparameter(name, kw, hps, shape):
 def test_unknown_optimizer_argument():
     with pytest.raises(ValueError, match="unknown argument.*'mom'"):
         hd.optim.SGD(mom=0.9)
+
+
+def test_flat_views_are_made_on_first_read_and_behave_as_a_dict():
+    """FlatViews: no views until read, then the same views as unflat; copies, pickles and
+    comparisons see values; common_base returns the vector without making views."""
+    import copy
+    import pickle
+
+    from hyperdescent.optim.base import FlatViews, common_base, unflat
+
+    like = {"w": torch.zeros(2, 3), "b": torch.zeros(3)}
+    flat = torch.arange(9.0)
+    fv = FlatViews(flat, like)
+    assert common_base(fv) is flat and list(fv) == ["w", "b"] and len(fv) == 2
+    assert dict.__getitem__(fv, "w") is None  # nothing made yet
+    expected = unflat(flat, like)
+    assert torch.equal(fv["w"], expected["w"]) and fv["w"]._base is flat
+    for made in (dict(FlatViews(flat, like)), {**FlatViews(flat, like)},
+                 FlatViews(flat, like).copy(), copy.deepcopy(FlatViews(flat, like)),
+                 pickle.loads(pickle.dumps(FlatViews(flat, like))),
+                 dict(FlatViews(flat, like).items())):
+        assert type(made) is dict and all(torch.equal(made[k], expected[k]) for k in like)
+    assert [v.shape for v in FlatViews(flat, like).values()] == [(2, 3), (3,)]
+    assert FlatViews(flat, like).get("b") is not None
+    other = FlatViews(flat, like)
+    other["b"] = torch.ones(3)  # a write first makes the views, then replaces one
+    assert torch.equal(other["w"], expected["w"]) and torch.equal(other["b"], torch.ones(3))

@@ -17,7 +17,7 @@ from . import autodiff
 from .data import Batch, ReplayableBatches, StreamBatches, as_tensor_pair
 from .errors import DataError, HyperdescentError, HyperparameterError, NonFiniteError
 from .optim import SGD
-from .optim.base import Optimizer, common_base, tensor_state, unflat, with_tensor_state
+from .optim.base import FlatViews, Optimizer, common_base, tensor_state, with_tensor_state
 from .space import Space
 
 Params = dict[str, torch.Tensor]
@@ -245,11 +245,13 @@ class Problem:
             if flat is not None:
                 # weights kept as views of one vector (a flat optimizer step made them): one
                 # gradient vector instead of one per parameter, with no concatenation later
-                grads = unflat(autodiff.grad(loss, [flat], create_graph=True)[0], params)
+                grads = FlatViews(autodiff.grad(loss, [flat], create_graph=True)[0], params)
             else:
                 grads = dict(zip(params, autodiff.grad(loss, list(params.values()),
                                                        create_graph=create_graph)))
-        unused = [n for n, g in grads.items() if g is None]
+        # (a gradient w.r.t. the whole vector is never None: nothing to check, and reading
+        # FlatViews would make the views that it exists to skip)
+        unused = [] if flat is not None else [n for n, g in grads.items() if g is None]
         if unused:
             raise HyperdescentError(
                 f"parameter(s) {unused} do not affect the training loss; freeze them "

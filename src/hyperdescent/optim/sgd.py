@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from .base import Optimizer, Params, State, axpy, flat_view, is_zero, lincomb, tangent_value, unflat
+from .base import (
+    FlatViews,
+    Optimizer,
+    Params,
+    State,
+    axpy,
+    common_base,
+    flat_view,
+    is_zero,
+    lincomb,
+    tangent_value,
+)
 
 _STEP_HPARAMS = ("lr", "weight_decay", "momentum", "dampening")
 
@@ -62,31 +73,33 @@ class SGD(Optimizer):
         None where it does not apply (per-layer or per-element values, mixed dtypes)."""
         if not torch.is_grad_enabled() or len(params) < 2:
             return None
-        first_name = next(iter(params))
         scalars = []
         for k in _STEP_HPARAMS:
-            v = self.value(hp, k, first_name)
-            if isinstance(hp, dict) and isinstance(hp.get(k), dict):
-                return None
-            if isinstance(v, torch.Tensor) and v.dim() != 0:
+            v = hp[k] if hp is not None and k in hp else self.fixed[k]
+            if isinstance(v, dict) or isinstance(v, torch.Tensor) and v.dim() != 0:
                 return None
             scalars.append(v)
         lr, wd, mu, damp = scalars
-        ref = params[first_name]
-        if any(p.dtype != ref.dtype or p.device != ref.device for p in params.values()):
-            return None
-        if not any(isinstance(x, torch.Tensor) and x.requires_grad
-                   for x in (*params.values(), *grads.values(), *scalars)):
-            return None
         names = list(params)
+        flat_params = common_base(params, names)
+        if flat_params is None:
+            ref = next(iter(params.values()))
+            if any(p.dtype != ref.dtype or p.device != ref.device for p in params.values()):
+                return None
+            flat_params = flat_view(params, names)
+        flat_grads = flat_view(grads, names)
+        if not (flat_params.requires_grad or flat_grads.requires_grad or
+                any(isinstance(x, torch.Tensor) and x.requires_grad for x in scalars)):
+            return None
         use_momentum = "momentum_buffer" in state
         b0 = flat_view(state["momentum_buffer"], names) if use_momentum else None
-        new_flat, new_flat_buf = self._step(flat_view(params, names), flat_view(grads, names),
-                                            b0, state["step"], lr, wd, mu, damp)
+        new_flat, new_flat_buf = self._step(flat_params, flat_grads, b0, state["step"],
+                                            lr, wd, mu, damp)
         new_state: State = {"step": state["step"] + 1}
+        # views made on first read: the next flat step reads the vectors back whole
         if use_momentum:
-            new_state["momentum_buffer"] = unflat(new_flat_buf, params)
-        return unflat(new_flat, params), new_state
+            new_state["momentum_buffer"] = FlatViews(new_flat_buf, params)
+        return FlatViews(new_flat, params), new_state
 
     def tangent(self, params: Params, state: State, grads: Params, hp, dparams: Params,
                 dstate: dict, dgrads: Params, dhp) -> tuple[Params, dict]:
