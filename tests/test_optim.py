@@ -124,3 +124,30 @@ def test_flat_views_are_made_on_first_read_and_behave_as_a_dict():
     other = FlatViews(flat, like)
     other["b"] = torch.ones(3)  # a write first makes the views, then replaces one
     assert torch.equal(other["w"], expected["w"]) and torch.equal(other["b"], torch.ones(3))
+
+
+def test_flat_sgd_step_hands_back_vectors_without_making_views():
+    """In a graph, SGD's flat step returns weights and momentum buffers as FlatViews; the next
+    step reads them back whole, so the buffer's per-parameter views are never made."""
+    from hyperdescent.optim.base import FlatViews
+
+    torch.manual_seed(0)
+    params = {"a": torch.randn(3, 2, requires_grad=True), "b": torch.randn(2, requires_grad=True)}
+    opt = hd.optim.SGD(lr=0.1, momentum=0.9)
+    hp = {"lr": torch.tensor(0.1, requires_grad=True)}
+    state = opt.init(params)
+    for _ in range(3):
+        grads = {n: 2 * p for n, p in params.items()}  # the gradient of the squared norm
+        params, state = opt.update(params, state, grads, hp)
+        buf = state["momentum_buffer"]
+        assert isinstance(params, FlatViews) and isinstance(buf, FlatViews)
+    assert all(dict.__getitem__(buf, n) is None for n in buf)  # never read, never made
+    expected = {n: p.detach() for n, p in params.items()}
+    torch.manual_seed(0)  # the same three steps without a graph, per parameter
+    plain = {"a": torch.randn(3, 2), "b": torch.randn(2)}
+    ref_state = opt.init(plain)
+    with torch.no_grad():
+        for _ in range(3):
+            plain, ref_state = opt.update(plain, ref_state, {n: 2 * p for n, p in plain.items()},
+                                          {"lr": torch.tensor(0.1)})
+    assert all(torch.allclose(expected[n], plain[n], rtol=0, atol=1e-6) for n in plain)
