@@ -151,3 +151,38 @@ def test_flat_sgd_step_hands_back_vectors_without_making_views():
             plain, ref_state = opt.update(plain, ref_state, {n: 2 * p for n, p in plain.items()},
                                           {"lr": torch.tensor(0.1)})
     assert all(torch.allclose(expected[n], plain[n], rtol=0, atol=1e-6) for n in plain)
+
+
+@pytest.mark.parametrize("kw,hp", [
+    (dict(lr=0.1), {}),
+    (dict(lr=0.1, weight_decay=1e-2), {"lr": 0.05}),
+    (dict(lr=0.1, momentum=0.9), {"lr": "tensor", "weight_decay": "tensor"}),
+    (dict(lr=0.1, momentum=0.9, weight_decay=1e-3), {"momentum": "tensor"}),
+    (dict(lr=0.1, momentum=0.9, dampening=0.3), {}),  # outside: per-parameter loop
+    (dict(lr=0.1, momentum=0.9, nesterov=True), {}),  # outside: per-parameter loop
+])
+def test_sgd_foreach_update_is_the_per_parameter_loop(kw, hp, monkeypatch):
+    """Without a graph, SGD's one-call-per-op update gives bit for bit the per-parameter loop's
+    weights and buffers over 4 steps, and is taken exactly where it applies."""
+    from hyperdescent.optim import SGD
+
+    torch.manual_seed(0)
+    params0 = {"a": torch.randn(3, 2), "b": torch.randn(2), "c": torch.randn(4, 3)}
+    hp = {k: torch.tensor(0.07) if v == "tensor" else v for k, v in hp.items()}
+    used = []
+    fast = SGD._foreach_update
+    monkeypatch.setattr(SGD, "_foreach_update",
+                        lambda self, *a: (lambda r: used.append(r is not None) or r)(fast(self, *a)))
+    out = []
+    for on in (True, False):
+        monkeypatch.setattr(SGD, "foreach_update", on)
+        opt = SGD(**kw)
+        params, state = dict(params0), opt.init(params0, hp_names=list(hp))
+        with torch.no_grad():
+            for t in range(4):
+                grads = {n: torch.sin(p * (t + 1)) for n, p in params.items()}
+                params, state = opt.update(params, state, grads, hp)
+        out.append([*params.values(), *state.get("momentum_buffer", {}).values()])
+    assert all(torch.equal(x, y) for x, y in zip(*out))
+    applies = not kw.get("nesterov") and not kw.get("dampening")
+    assert used[:4] == [applies] * 4

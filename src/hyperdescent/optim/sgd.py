@@ -36,9 +36,11 @@ class SGD(Optimizer):
 
     def update(self, params: Params, state: State, grads: Params, hp=None) -> tuple[Params, State]:
         """One step: d = g + wd*p; buf = mu*buf + (1-damp)*d (buf = d at step 0); p -= lr*d'."""
-        flat = self._flat_update(params, state, grads, hp)
-        if flat is not None:
-            return flat
+        fast = self._flat_update(params, state, grads, hp)
+        if fast is None:
+            fast = self._foreach_update(params, state, grads, hp)
+        if fast is not None:
+            return fast
         use_momentum = "momentum_buffer" in state
         new_params, new_buf = {}, {}
         for n, p in params.items():
@@ -100,6 +102,34 @@ class SGD(Optimizer):
         if use_momentum:
             new_state["momentum_buffer"] = FlatViews(new_flat_buf, params)
         return FlatViews(new_flat, params), new_state
+
+    #: run `_foreach_update` where it applies (tests switch it off to compare)
+    foreach_update = True
+
+    def _foreach_update(self, params: Params, state: State, grads: Params, hp):
+        """`update` without a graph when every hyperparameter is one scalar and there is no
+        dampening or Nesterov: each op once over all parameters (`torch._foreach_*`), the same
+        kernels in the same order as the per-parameter loop, so bit-identical, without its
+        Python dispatch per parameter. A step without a graph (checkpointing's first pass,
+        truncated's and implicit's inner steps) then updates the digits MLP in ~45 instead of
+        ~140 µs. Returns None where it does not apply."""
+        if torch.is_grad_enabled() or not self.foreach_update:
+            return None
+        lr, wd, mu, damp = (hp[k] if hp is not None and k in hp else self.fixed[k]
+                            for k in _STEP_HPARAMS)
+        if self.fixed["nesterov"] or not is_zero(damp) or any(
+                isinstance(v, dict) or isinstance(v, torch.Tensor) and v.dim() != 0
+                for v in (lr, wd, mu)):
+            return None
+        names = list(params)
+        weights = list(params.values())
+        d = _foreach_axpy([grads[n] for n in names], wd, weights)
+        new_state: State = {"step": state["step"] + 1}
+        if "momentum_buffer" in state:
+            if state["step"] > 0:
+                d = _foreach_axpy(d, mu, [state["momentum_buffer"][n] for n in names])
+            new_state["momentum_buffer"] = dict(zip(names, d))
+        return dict(zip(names, _foreach_axpy(weights, lr, d, -1.0))), new_state
 
     def tangent(self, params: Params, state: State, grads: Params, hp, dparams: Params,
                 dstate: dict, dgrads: Params, dhp) -> tuple[Params, dict]:
@@ -183,3 +213,13 @@ class SGD(Optimizer):
                                      value=-1.0)
         return new_p, {"step": state["step"] + 1, "momentum_buffer": new_b}, out_p, \
             {"momentum_buffer": out_b}
+
+
+def _foreach_axpy(ys: list, a, xs: list, scale: float = 1.0) -> list:
+    """[axpy(y, a, x, scale) for y, x in zip(ys, xs)] as one `torch._foreach_*` call, with the
+    kernel `axpy` picks (addcmul for a tensor a, add(alpha=) for a number)."""
+    if is_zero(a) or scale == 0:
+        return ys
+    if isinstance(a, torch.Tensor):
+        return list(torch._foreach_addcmul(ys, [a] * len(ys), xs, value=scale))
+    return list(torch._foreach_add(ys, xs, alpha=a * scale))
