@@ -109,8 +109,8 @@ class SGD(Optimizer):
     def _foreach_update(self, params: Params, state: State, grads: Params, hp):
         """`update` without a graph when every hyperparameter is one scalar and there is no
         dampening or Nesterov: each op once over all parameters (`torch._foreach_*`), the same
-        kernels in the same order as the per-parameter loop, so bit-identical, without its
-        Python dispatch per parameter. A step without a graph (checkpointing's first pass,
+        kernels in the same order as the per-parameter loop (bit-identical on CPU; CUDA's
+        multi-tensor kernels may round differently), without its Python dispatch per parameter. A step without a graph (checkpointing's first pass,
         truncated's and implicit's inner steps) then updates the digits MLP in ~45 instead of
         ~140 µs. Returns None where it does not apply."""
         if torch.is_grad_enabled() or not self.foreach_update:
