@@ -110,9 +110,10 @@ class SGD(Optimizer):
         """`update` without a graph when every hyperparameter is one scalar and there is no
         dampening or Nesterov: each op once over all parameters (`torch._foreach_*`), the same
         kernels in the same order as the per-parameter loop (bit-identical on CPU; CUDA's
-        multi-tensor kernels may round differently), without its Python dispatch per parameter. A step without a graph (checkpointing's first pass,
-        truncated's and implicit's inner steps) then updates the digits MLP in ~45 instead of
-        ~140 µs. Returns None where it does not apply."""
+        multi-tensor kernels may round differently), without its Python dispatch per
+        parameter. A step without a graph (checkpointing's first pass, truncated's and
+        implicit's inner steps) then updates the digits MLP in ~45 instead of ~140 µs.
+        Returns None where it does not apply."""
         if torch.is_grad_enabled() or not self.foreach_update:
             return None
         lr, wd, mu, damp = (hp[k] if hp is not None and k in hp else self.fixed[k]
