@@ -171,8 +171,13 @@ def test_sgd_foreach_update_is_the_per_parameter_loop(kw, hp, monkeypatch):
     hp = {k: torch.tensor(0.07) if v == "tensor" else v for k, v in hp.items()}
     used = []
     fast = SGD._foreach_update
-    monkeypatch.setattr(SGD, "_foreach_update",
-                        lambda self, *a: (lambda r: used.append(r is not None) or r)(fast(self, *a)))
+
+    def counted(self, *args):
+        result = fast(self, *args)
+        used.append(result is not None)
+        return result
+
+    monkeypatch.setattr(SGD, "_foreach_update", counted)
     out = []
     for on in (True, False):
         monkeypatch.setattr(SGD, "foreach_update", on)
