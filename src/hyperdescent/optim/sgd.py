@@ -68,6 +68,17 @@ class SGD(Optimizer):
             d = axpy(decayed, mu, buf) if self.fixed["nesterov"] else buf
         return axpy(p, lr, d, -1.0), buf, decayed, d
 
+    def _scalar_hparams(self, hp) -> list | None:
+        """[lr, weight_decay, momentum, dampening], each one number or 0-d tensor for all
+        parameters; None when any is per layer or per element (the fast updates' condition)."""
+        values = []
+        for k in _STEP_HPARAMS:
+            v = hp[k] if hp is not None and k in hp else self.fixed[k]
+            if isinstance(v, dict) or isinstance(v, torch.Tensor) and v.dim() != 0:
+                return None
+            values.append(v)
+        return values
+
     def _flat_update(self, params: Params, state: State, grads: Params, hp):
         """The same step on all parameters concatenated, when it is built into a graph and
         every hyperparameter is one scalar: 3 graph nodes a step instead of 3 per parameter,
@@ -75,12 +86,9 @@ class SGD(Optimizer):
         None where it does not apply (per-layer or per-element values, mixed dtypes)."""
         if not torch.is_grad_enabled() or len(params) < 2:
             return None
-        scalars = []
-        for k in _STEP_HPARAMS:
-            v = hp[k] if hp is not None and k in hp else self.fixed[k]
-            if isinstance(v, dict) or isinstance(v, torch.Tensor) and v.dim() != 0:
-                return None
-            scalars.append(v)
+        scalars = self._scalar_hparams(hp)
+        if scalars is None:
+            return None
         lr, wd, mu, damp = scalars
         names = list(params)
         flat_params = common_base(params, names)
@@ -116,11 +124,11 @@ class SGD(Optimizer):
         Returns None where it does not apply."""
         if torch.is_grad_enabled() or not self.foreach_update:
             return None
-        lr, wd, mu, damp = (hp[k] if hp is not None and k in hp else self.fixed[k]
-                            for k in _STEP_HPARAMS)
-        if self.fixed["nesterov"] or not is_zero(damp) or any(
-                isinstance(v, dict) or isinstance(v, torch.Tensor) and v.dim() != 0
-                for v in (lr, wd, mu)):
+        scalars = self._scalar_hparams(hp)
+        if scalars is None:
+            return None
+        lr, wd, mu, damp = scalars
+        if self.fixed["nesterov"] or not is_zero(damp):
             return None
         names = list(params)
         weights = list(params.values())
