@@ -41,18 +41,6 @@ def import_revision(rev: str, where: Path, name: str):
     return importlib.import_module(name)
 
 
-def make_problem(hd, train, val):
-    """hypergrad_cost's problem (lr and weight decay tuned) built with package `hd`."""
-    import torch.nn.functional as F
-
-    space = hd.Space({"lr": hd.Real(hc.LR, low=1e-5, high=2, log=True),
-                      "weight_decay": hd.Real(hc.WD, low=1e-7, high=1e-1, log=True)})
-    return hd.Problem(hc.make_model(), loss=F.cross_entropy,
-                      optimizer=hd.optim.SGD(lr=hc.LR, momentum=hc.MOMENTUM, weight_decay=hc.WD),
-                      space=space, train=train, val=val, batch_size=hc.BATCH,
-                      val_batch_size=len(val[0]), seed=0)
-
-
 def compare(argv: list[str] | None = None) -> int:
     """Run the paired rounds and print the medians and the B/A interval."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -67,7 +55,7 @@ def compare(argv: list[str] | None = None) -> int:
     train, val = hc.load_digits_split()
     with tempfile.TemporaryDirectory() as tmp:
         hd_a = import_revision(args.base, Path(tmp), "hyperdescent_ab_base")
-        pa, pb = make_problem(hd_a, train, val), make_problem(hd_b, train, val)
+        pa, pb = hc.make_problem(train, val, hd=hd_a), hc.make_problem(train, val, hd=hd_b)
         T = args.T
         run = {"A": lambda: hd_a.hypergrad(pa, steps=T, method="reverse"),
                "B": lambda: hd_b.hypergrad(pb, steps=T, method="reverse"),

@@ -88,11 +88,14 @@ def make_model():
         torch.nn.Linear(128, 10))
 
 
-def make_problem(train, val, wd_only: bool = False):
-    """The hyperdescent problem; its replayable batches are the batches every impl uses."""
+def make_problem(train, val, wd_only: bool = False, hd=None):
+    """The hyperdescent problem; its replayable batches are the batches every impl uses.
+    `hd` is the package to build it with (default `hyperdescent`; ab_reverse.py passes an
+    older revision's)."""
     import torch.nn.functional as F
 
-    import hyperdescent as hd
+    if hd is None:
+        import hyperdescent as hd
 
     space = {"weight_decay": hd.Real(WD, low=1e-7, high=1e-1, log=True)}
     if not wd_only:
