@@ -226,6 +226,22 @@ def test_pruners_prune(pruner):
     assert any(t.state == TrialState.COMPLETE for t in study.trials)
 
 
+def test_hyperband_search_is_reproducible_from_the_seed():
+    # HyperbandPruner puts each trial in a bracket by a hash of the study name; an unnamed
+    # in-memory study is named after the seed, so a seeded search prunes the same trials
+    task = tiny_task(steps=60)
+    space = Space({"lr": Real(0.1, low=1e-5, high=3.0, log=True)})
+
+    def outcome():
+        study = search(task_objective(task, eval_every=5), space, sampler="tpe", n_trials=16,
+                       pruner="hyperband", seed=2)
+        return [(t.state, t.user_attrs["inner_steps"]) for t in study.trials]
+
+    first = outcome()
+    assert any(state == TrialState.PRUNED for state, _ in first)
+    assert outcome() == first
+
+
 def test_hyperband_with_threads_and_sqlite(tmp_path):
     # Optuna's HyperbandPruner sets its brackets up lazily; unguarded, parallel threads on a
     # slow storage race there ("This line should be unreachable"). search() guards it.

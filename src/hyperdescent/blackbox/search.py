@@ -155,6 +155,12 @@ def search(objective: Objective, space: Space | BoundSpace,
     if not isinstance(n_jobs, int) or n_jobs == 0 or n_jobs < -1:
         raise ConfigError(f"n_jobs must be a positive integer or -1, got {n_jobs!r}")
 
+    if storage is None and study_name is None:
+        # Optuna names an unnamed study at random, and HyperbandPruner assigns each trial's
+        # bracket by a hash of the study name: named after the seed, an in-memory search with
+        # Hyperband prunes the same trials on every run (a stored study keeps a unique name)
+        study_name = f"hyperdescent-seed{seed}"
+
     def build_sampler(s):
         return make_sampler(sampler, bound, seed=s, grid_points=grid_points,
                             **dict(sampler_kwargs or {}))
