@@ -226,6 +226,54 @@ class Problem:
         opt = self.optimizer.init(params, hp_names=self.bound.real_names())
         return InnerState(params, opt, {n: b.clone() for n, b in self.buffers0.items()}, 0)
 
+    # -- the one gradient seam ----------------------------------------------------------
+    # Every derivative of a training or validation loss in the library goes through `vjp`
+    # (training gradients, Hessian-vector rows, mixed ∂²L/∂θ∂λ rows, validation gradients,
+    # implicit's products), so that data parallelism is one all-reduce here and nowhere else.
+    def reduce(self, tensors: tuple) -> tuple:
+        """Combine per-process derivatives (identity in one process; a mean all-reduce under
+        data parallelism, where each process holds its share of every batch)."""
+        return tensors
+
+    def vjp(self, outputs, inputs, grad_outputs, retain_graph: bool = False,
+            create_graph: bool = False) -> tuple[torch.Tensor | None, ...]:
+        """Σ_i grad_outputs[i]ᵀ ∂outputs[i]/∂inputs of losses of this problem (None where an
+        input is not reached): the one place derivatives of the losses are taken."""
+        return self.reduce(autodiff.vjp(outputs, inputs, grad_outputs, retain_graph,
+                                        create_graph))
+
+    def grad(self, loss: torch.Tensor, inputs, create_graph: bool = False,
+             retain_graph: bool | None = None) -> tuple[torch.Tensor | None, ...]:
+        """∂loss/∂inputs of a scalar loss of this problem, through `vjp`."""
+        keep = create_graph if retain_graph is None else retain_graph
+        return self.vjp((loss,), inputs, (torch.ones_like(loss),), keep, create_graph)
+
+    def train_grad(self, params: Params, buffers: Params, batch: Batch, hp: Mapping[str, Any],
+                   create_graph: bool = False, wrt: Mapping[str, torch.Tensor] | None = None):
+        """(training loss, ∇_θ L as a dict, updated buffers, ∂L/∂wrt as a dict): `params` (and
+        `wrt`) must require grad; with create_graph=True the gradients stay differentiable,
+        so Hessian-vector rows are `vjp`s of them."""
+        wrt = wrt or {}
+        with torch.enable_grad():
+            loss, new_buffers = self.train_loss(params, buffers, batch, hp)
+            got = self.grad(loss, list(params.values()) + list(wrt.values()),
+                            create_graph=create_graph)
+        return (loss, dict(zip(params, got[:len(params)])), new_buffers,
+                dict(zip(wrt, got[len(params):])))
+
+    def val_grad(self, params: Params, buffers: Params, batch: Batch,
+                 wrt: Mapping[str, torch.Tensor] | None = None):
+        """(E, ∇_θ E as a dict with zeros where E does not reach, ∂E/∂wrt as a dict) of a
+        validation batch, without a graph."""
+        wrt = wrt or {}
+        params = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        with torch.enable_grad():
+            value = self.val_loss(params, buffers, batch)
+            got = self.grad(value, list(params.values()) + list(wrt.values()))
+        grads = {n: torch.zeros_like(p) if g is None else g
+                 for (n, p), g in zip(params.items(), got)}
+        return value.detach(), grads, dict(zip(wrt, got[len(params):]))
+
     def step(self, state: InnerState, batch: Batch, hp: Mapping[str, Any],
              create_graph: bool = False) -> tuple[InnerState, torch.Tensor]:
         """Φ: one optimizer step on the training loss; returns (s_{t+1}, training loss).
@@ -245,10 +293,10 @@ class Problem:
             if flat is not None:
                 # weights kept as views of one vector (a flat optimizer step made them): one
                 # gradient vector instead of one per parameter, with no concatenation later
-                grads = FlatViews(autodiff.grad(loss, [flat], create_graph=True)[0], params)
+                grads = FlatViews(self.grad(loss, [flat], create_graph=True)[0], params)
             else:
-                grads = dict(zip(params, autodiff.grad(loss, list(params.values()),
-                                                       create_graph=create_graph)))
+                grads = dict(zip(params, self.grad(loss, list(params.values()),
+                                                   create_graph=create_graph)))
         # (a gradient w.r.t. the whole vector is never None: nothing to check, and reading
         # FlatViews would make the views that it exists to skip)
         unused = [] if flat is not None else [n for n, g in grads.items() if g is None]
