@@ -16,6 +16,7 @@ from torch.func import functional_call
 from . import autodiff
 from .data import Batch, ReplayableBatches, StreamBatches, as_tensor_pair
 from .errors import DataError, HyperdescentError, HyperparameterError, NonFiniteError
+from .metrics import evaluate_outputs
 from .optim import SGD
 from .optim.base import FlatViews, Optimizer, common_base, tensor_state, with_tensor_state
 from .space import Space
@@ -322,10 +323,7 @@ class Problem:
             raise DataError(f"no {which} split held as tensors to evaluate")
         with torch.no_grad():
             out = self.forward(params, buffers, data.x, False if self.eval_mode else True)
-            loss = self.loss_fn(out, data.y).item()
-            acc = (out.argmax(-1) == data.y).double().mean().item() if out.dim() > 1 else float(
-                "nan")
-        return {"loss": loss, "acc": acc}
+            return evaluate_outputs(out, data.y, self.loss_fn)
 
     def write_weights(self, params: Params, buffers: Params | None = None) -> torch.nn.Module:
         """Copy weights (and buffers) into `self.model` and return it."""
