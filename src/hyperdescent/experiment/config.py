@@ -39,6 +39,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 from ..errors import ConfigError
+from ..optim.names import TASK_HPARAMS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -52,8 +53,8 @@ GRADIENT_KINDS = {"oho": "forward", "greedy": "greedy", "truncated": "truncated"
 BLACKBOX_KINDS = ("random", "grid", "tpe", "gp", "cmaes", "qmc")
 KINDS = (*GRADIENT_KINDS, *BLACKBOX_KINDS)
 PRUNERS = ("median", "successive_halving", "hyperband")
-# hyperparameters both kinds of method can set (optimizer arguments; see hd.optim, task_objective)
-HPARAM_NAMES = ("lr", "weight_decay", "momentum", "beta1", "beta2", "eps")
+# hyperparameters both kinds of method can set: the arguments of the tasks' optimizers
+HPARAM_NAMES = TASK_HPARAMS
 # settings that are not OnlineTuner arguments
 _GRADIENT_EXTRA = {"eval_every": "full-validation evaluation (and log record) every N steps",
                    "val_batch_size": "validation minibatch of each meta-step (default: the task's batch size)"}

@@ -28,13 +28,12 @@ from typing import Any
 import optuna
 
 from ..errors import ConfigError, HyperparameterError
+from ..optim.names import BY_OPTIMIZER
 from ..space import Piecewise, Real, Space
 from ..tasks.base import Task
 from .config import GRADIENT_KINDS, Config, HParam, Method
 
 Log = Callable[[dict[str, Any]], None]
-_OPT_HPARAMS = {"sgd": ("lr", "weight_decay", "momentum"),
-                "adam": ("lr", "weight_decay", "beta1", "beta2", "eps")}
 
 
 def build_space(task: Task, cfg: Config, method: Method) -> Space:
@@ -46,7 +45,7 @@ def build_space(task: Task, cfg: Config, method: Method) -> Space:
     else:
         overrides, where = cfg.space or {}, "space"
     hps = dict(task.space.items())
-    allowed = _OPT_HPARAMS.get(task.optimizer, ())
+    allowed = BY_OPTIMIZER.get(task.optimizer, ())
     for name, spec in overrides.items():
         key = f"{where}.{name}"
         if allowed and name not in allowed:

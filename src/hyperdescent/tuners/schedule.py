@@ -8,9 +8,7 @@ from typing import Any
 
 import torch
 
-# how a hyperparameter name maps onto a torch.optim param-group key
-_GROUP_KEYS = {"lr": "lr", "weight_decay": "weight_decay", "momentum": "momentum",
-               "dampening": "dampening", "eps": "eps", "alpha": "alpha"}
+from ..optim.names import set_group_hparam
 
 
 class Schedule:
@@ -53,13 +51,7 @@ class Schedule:
             vals = self.at(counter["t"])
             for group in opt.param_groups:
                 for name, value in vals.items():
-                    v = group_value(group, value, name)
-                    if name in ("beta1", "beta2") and "betas" in group:
-                        b = list(group["betas"])
-                        b[0 if name == "beta1" else 1] = float(v)
-                        group["betas"] = tuple(b)
-                    elif name in _GROUP_KEYS and _GROUP_KEYS[name] in group:
-                        group[_GROUP_KEYS[name]] = float(v)
+                    set_group_hparam(group, name, group_value(group, value, name))
             counter["t"] += 1
 
         return optimizer.register_step_pre_hook(hook)
