@@ -268,6 +268,46 @@ def test_task_objective_user_attrs():
     assert math.isfinite(a["test_loss"])
 
 
+def test_trial_trains_on_the_batches_of_a_gradient_run():
+    # same seed, same batch size: batch t of a trial is hd.Problem's train_batch(t), across
+    # epoch boundaries, so a side-by-side comparison differs only in the method
+    from hyperdescent import Problem
+
+    seen = []
+
+    class Recording(torch.nn.Linear):
+        def forward(self, x):
+            if self.training:
+                seen.append(x.clone())
+            return super().forward(x)
+
+    def make_model(s=0):
+        torch.manual_seed(s)
+        return Recording(8, 3)
+
+    task = tiny_task(steps=23, batch_size=30)  # 6 batches an epoch, ragged rest dropped
+    task.make_model = make_model
+    task_objective(task, seed=3)({"lr": 0.1})
+    problem = Problem(make_model(3), train=task.train, val=task.val, batch_size=30, seed=3)
+    assert len(seen) == 23
+    for t, x in enumerate(seen):
+        assert torch.equal(x, problem.train_batch(t)[0]), t
+    # another seed, another order
+    assert not torch.equal(seen[0], Problem(make_model(4), train=task.train, val=task.val,
+                                            batch_size=30, seed=4).train_batch(0)[0])
+
+
+def test_trial_and_problem_share_one_accuracy_rule():
+    from hyperdescent import Problem
+    from hyperdescent.blackbox import evaluate
+
+    task = tiny_task()
+    model = task.make_model(0)
+    problem = Problem(model, train=task.train, val=task.val, batch_size=20)
+    ev = problem.evaluate(problem.params0, problem.buffers0, "val")
+    assert evaluate(model, task.loss, *task.val) == (ev["loss"], ev["acc"])
+
+
 def test_schedule_and_per_layer_values():
     task = tiny_task(steps=40)
     full = task_objective(task)

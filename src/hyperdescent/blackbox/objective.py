@@ -2,15 +2,18 @@
 
 The sampled values (API shapes, see `assemble`) set the optimizer's hyperparameters:
 
-- ``lr``, ``weight_decay`` (coupled L2, as in torch.optim), ``momentum`` (SGD), ``beta1``,
-  ``beta2``, ``eps`` (Adam); ``batch_size`` (Int) and ``optimizer``/``opt``
-  (Categorical ``"sgd"``/``"adam"``) override the task's;
+- the arguments of the task's optimizer in `hd.optim` (``lr``, ``weight_decay`` as coupled
+  L2, ``momentum``, ``dampening`` for SGD; ``lr``, ``weight_decay``, ``beta1``, ``beta2``,
+  ``eps`` for Adam); ``batch_size`` (Int) and ``optimizer``/``opt`` (Categorical
+  ``"sgd"``/``"adam"``) override the task's;
 - ``per="layer"`` values go to one param group per parameter tensor;
 - a ``Piecewise(K)`` schedule sets the param groups' value at each block boundary; step t of
   T uses block floor(t*K/T).
 
-Each epoch is a seeded permutation of the training set cut into consecutive batches of
-``batch_size`` (the ragged last batch is dropped unless the set is smaller than one batch).
+Training batch t is the one a gradient run with the same seed and batch size trains on
+(`hd.Problem(..., seed=seed).train_batch(t)`): each epoch is a seeded permutation of the
+training set cut into consecutive batches, the ragged last batch dropped, and a batch size of
+at least the set's size is full-batch training. Only the method differs between the two.
 Every ``eval_every`` steps the full validation loss is computed, reported with
 ``trial.report(val_loss, step=inner_steps)``, and the trial is pruned if
 ``trial.should_prune()`` (not after the last step: a finished run is reported as complete).
@@ -38,13 +41,16 @@ from typing import Any
 import optuna
 import torch
 
+from ..data import ReplayableBatches
 from ..errors import ConfigError, HyperparameterError
+from ..metrics import evaluate_outputs
+from ..optim.names import BY_OPTIMIZER, TASK_HPARAMS, TASK_OPTIMIZERS, set_group_hparam
 from ..tasks.base import Task
 
-_SGD = ("lr", "weight_decay", "momentum")
-_ADAM = ("lr", "weight_decay", "beta1", "beta2", "eps")
 _OTHER = ("batch_size", "optimizer", "opt")
-KNOWN_HPARAMS = tuple(dict.fromkeys(_SGD + _ADAM + _OTHER))
+KNOWN_HPARAMS = tuple(dict.fromkeys(TASK_HPARAMS + _OTHER))
+#: the stream of hd.Problem's training batches, so that a trial and a gradient run agree
+TRAIN_STREAM = 0
 _EVAL_CHUNK = 8192
 
 
@@ -84,38 +90,21 @@ def _blocks(values: Mapping[str, Any], t: int, horizon: int) -> tuple:
     return tuple(key)
 
 
-def _accuracy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
-    """Number of correct predictions in a chunk (None when the task is not classification)."""
-    if y.is_floating_point():
-        return None
-    if out.ndim == 2 and out.shape[1] > 1 and y.ndim == 1:
-        return (out.argmax(1) == y).sum()
-    if out.ndim >= 1 and out.reshape(len(y), -1).shape[1] == 1:
-        return ((out.reshape(-1) > 0).long() == y.reshape(-1)).sum()
-    return None
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor
              ) -> tuple[float, float | None]:
-    """Mean loss and accuracy of `model` on (x, y), in eval mode, in chunks, without grad."""
+    """Loss and accuracy of `model` on (x, y) by `evaluate_outputs`, in eval mode, without grad;
+    accuracy None when the targets are not class labels."""
     was_training = model.training
     model.eval()
-    total, correct, n = 0.0, 0.0, len(x)
-    have_acc = True
     try:
-        for i in range(0, n, _EVAL_CHUNK):
-            xb, yb = x[i:i + _EVAL_CHUNK], y[i:i + _EVAL_CHUNK]
-            out = model(xb)
-            total += float(loss_fn(out, yb)) * len(xb)
-            c = _accuracy(out, yb) if have_acc else None
-            if c is None:
-                have_acc = False
-            else:
-                correct += float(c)
+        # forward in chunks to bound activation memory; the outputs themselves are small
+        out = torch.cat([model(x[i:i + _EVAL_CHUNK])
+                         for i in range(0, max(len(x), 1), _EVAL_CHUNK)])
     finally:
         model.train(was_training)
-    return total / max(n, 1), (correct / max(n, 1) if have_acc else None)
+    ev = evaluate_outputs(out, y, loss_fn)
+    return ev["loss"], None if math.isnan(ev["acc"]) else ev["acc"]
 
 
 #: Optuna samplers that learn nothing from pruned trials (GP-BO, CMA-ES)
@@ -150,10 +139,11 @@ class TaskObjective:
                 f"task_objective does not know hyperparameter(s) {unknown}; it understands "
                 f"{list(KNOWN_HPARAMS)} (write your own objective(values, trial) for others)")
         opt = values.get("optimizer", values.get("opt", self.task.optimizer))
-        if opt not in ("sgd", "adam"):
-            raise HyperparameterError(f"optimizer must be 'sgd' or 'adam', got {opt!r}")
+        if opt not in TASK_OPTIMIZERS:
+            raise HyperparameterError(
+                f"optimizer must be one of {list(TASK_OPTIMIZERS)}, got {opt!r}")
         chosen = "optimizer" in values or "opt" in values
-        allowed = _SGD if opt == "sgd" else _ADAM
+        allowed = BY_OPTIMIZER[opt]
         other = [n for n in values if n not in allowed and n not in _OTHER]
         if other and not chosen:
             raise HyperparameterError(
@@ -173,18 +163,16 @@ class TaskObjective:
             hps.setdefault("momentum", self.task.momentum)
         return opt, bs, hps
 
-    def _apply(self, optimizer: torch.optim.Optimizer, opt: str, hps: dict, t: int) -> None:
+    def _apply(self, optimizer: torch.optim.Optimizer, hps: dict, t: int) -> None:
         T = self.steps
         for group in optimizer.param_groups:
             pname = group["name"]
             for n, v in hps.items():
-                x = _leaf(n, v, pname, t, T)
-                if n in ("lr", "weight_decay", "momentum", "eps"):
-                    group[n] = x
-                elif n == "beta1":
-                    group["betas"] = (x, group["betas"][1])
-                elif n == "beta2":
-                    group["betas"] = (group["betas"][0], x)
+                set_group_hparam(group, n, _leaf(n, v, pname, t, T))
+
+    def batches(self, batch_size: int, x: torch.Tensor, y: torch.Tensor) -> ReplayableBatches:
+        """The training batches of a trial: those of `hd.Problem` with the same seed."""
+        return ReplayableBatches(x, y, batch_size=batch_size, seed=self.seed, stream=TRAIN_STREAM)
 
     # -- the objective -------------------------------------------------------------------
     def __call__(self, values: Mapping[str, Any], trial: optuna.Trial | None = None) -> float:
@@ -207,11 +195,8 @@ class TaskObjective:
         else:
             optimizer = torch.optim.Adam(groups, lr=0.0)
 
-        n = len(xtr)
-        per_epoch = max(1, n // bs)
-        eval_every = self.eval_every or per_epoch
-        gen = torch.Generator().manual_seed(self.seed)
-        perm = torch.empty(0, dtype=torch.long)
+        train_batch = self.batches(bs, xtr, ytr)
+        eval_every = self.eval_every or train_batch.per_epoch
         curve: list[list[float]] = []
         attrs: dict[str, Any] = {"diverged": False, "pruned_by": None}
 
@@ -231,16 +216,11 @@ class TaskObjective:
         for t in range(T):
             b = _blocks(hps, t, T)
             if b != blocks:  # first step and every schedule block boundary
-                self._apply(optimizer, opt_name, hps, t)
+                self._apply(optimizer, hps, t)
                 blocks = b
-            i = t % per_epoch
-            if i == 0:
-                perm = torch.randperm(n, generator=gen).to(self.device)
-            idx = perm[i * bs:(i + 1) * bs]
+            xb, yb = train_batch(t)
             optimizer.zero_grad(set_to_none=True)
-            # index_select, not x[idx]: advanced indexing takes ~5x longer on CPU (40 vs 8 µs
-            # for 128 rows of digits), a few percent of a small model's step
-            loss = task.loss(model(xtr.index_select(0, idx)), ytr.index_select(0, idx))
+            loss = task.loss(model(xb), yb)
             if not torch.isfinite(loss.detach()):
                 return self._diverged(trial, attrs, finish, curve, t, val_acc,
                                       f"training loss became {loss.item()} at step {t}")
