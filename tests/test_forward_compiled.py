@@ -90,9 +90,9 @@ def test_compiled_forward_with_batchnorm_buffers():
     for compile in (False, True):
         engine = ForwardTangent(p, STEPS, compile=compile)
         leaves = {k: v.detach() for k, v in hd.space.flatten(p.real_hparams()).items()}
-        state = p.init_state()
+        state, carry = p.init_state(), engine.init()
         for t in range(STEPS):
-            state, _ = engine.step(state, p.train_batch(t), leaves, t)
+            state, carry, _ = engine.step(carry, state, p.train_batch(t), leaves, t)
         states.append(state.buffers)
     assert any("running_mean" in n for n in states[1])
     for n, b in states[0].items():

@@ -163,9 +163,9 @@ def test_forward_does_not_compute_unstarted_blocks():
     engine = ForwardTangent(p, 6)
     leaves = {k: v.detach() for k, v in hd.space.flatten(p.real_hparams()).items()}
     state = p.init_state()
-    state, _ = engine.step(state, p.train_batch(0), leaves, 0)
-    assert engine.started == [True, False, False]
-    assert all((z[1:] == 0).all() for d in engine.Z.values() for z in d.values())
+    state, carry, _ = engine.step(engine.init(), state, p.train_batch(0), leaves, 0)
+    assert carry["started"].tolist() == [True, False, False]
+    assert all((z[1:] == 0).all() for d in carry["Z"].values() for z in d.values())
 
 
 @pytest.mark.parametrize("name", ["mlp-momentum-global", "mlp-nesterov-per-layer", "mlp-adam-betas",
@@ -179,10 +179,10 @@ def test_hand_written_tangent_rules_equal_torch_func_jvp(name):
         engine = ForwardTangent(p, STEPS)
         engine.use_tangent_rule = use_rule
         leaves = {k: v.detach() for k, v in hd.space.flatten(p.real_hparams()).items()}
-        state = p.init_state()
+        state, carry = p.init_state(), engine.init()
         for t in range(STEPS):
-            state, _ = engine.step(state, p.train_batch(t), leaves, t)
-        out.append(torch.cat([z.reshape(-1) for d in engine.Z.values() for z in d.values()]))
+            state, carry, _ = engine.step(carry, state, p.train_batch(t), leaves, t)
+        out.append(torch.cat([z.reshape(-1) for d in carry["Z"].values() for z in d.values()]))
     assert torch.allclose(out[0], out[1], rtol=1e-10, atol=1e-14)
 
 
@@ -217,10 +217,10 @@ def test_sgd_heavy_ball_fast_tangent_is_the_generic_rule(name, monkeypatch):
         p = build(name)
         engine = ForwardTangent(p, STEPS)
         leaves = {k: v.detach() for k, v in hd.space.flatten(p.real_hparams()).items()}
-        state = p.init_state()
+        state, carry = p.init_state(), engine.init()
         for t in range(STEPS):
-            state, _ = engine.step(state, p.train_batch(t), leaves, t)
-        out.append(torch.cat([z.reshape(-1) for d in engine.Z.values() for z in d.values()] +
+            state, carry, _ = engine.step(carry, state, p.train_batch(t), leaves, t)
+        out.append(torch.cat([z.reshape(-1) for d in carry["Z"].values() for z in d.values()] +
                              [x.reshape(-1) for x in state.params.values()]))
     assert torch.equal(out[0], out[1])
     assert len(used) == (STEPS - 1 if name == "bn-convnet" else 0)

@@ -66,6 +66,19 @@ class InnerState:
         out.buffers = {n: b.clone() for n, b in self.buffers.items()}
         return out
 
+    def as_record(self) -> dict[str, Any]:
+        """The state as plain dicts of tensors and ints (what a state record stores)."""
+        return {"params": dict(self.params.items()),
+                "opt": {k: dict(v.items()) if isinstance(v, dict) else v
+                        for k, v in self.opt.items()},
+                "buffers": dict(self.buffers.items()), "t": self.t}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> InnerState:
+        """The inverse of `as_record`."""
+        return cls(dict(record["params"]), dict(record["opt"]), dict(record["buffers"]),
+                   int(record["t"]))
+
 
 class Problem:
     """A model, a loss, a differentiable optimizer, a space and replayable train/val data.

@@ -1,27 +1,55 @@
-"""Hypergradient engines, one method per module behind one signature (DESIGN.md layer 4)."""
+"""Hypergradient methods, one module each behind one signature:
+`method(problem, steps, values, *, options) -> HypergradResult`, dispatched by `hypergrad`."""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import HyperparameterError
 from ..problem import Problem
 from .common import HypergradResult
+from .engine import Engine, run
 from .forward import ForwardTangent, forward
 from .greedy import greedy
 from .implicit import implicit
 from .reverse import reverse
-from .truncated import truncated
+from .truncated import TruncatedWindow, truncated
 
+#: the method table: adding a method is one module and one entry here
 METHODS = {"reverse": reverse, "truncated": truncated, "forward": forward,
            "implicit": implicit, "greedy": greedy}
 
 
-def hypergrad(problem: Problem, steps: int, method: str = "forward", **options) -> HypergradResult:
-    """dE(s_T)/dλ of the validation loss after `steps` inner steps, by `method` (API.md)."""
+def method_options(method: str) -> list[str]:
+    """The keyword options a method takes."""
+    sig = inspect.signature(METHODS[method])
+    return [n for n, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def hypergrad(problem: Problem, steps: int, method: str = "forward",
+              hparams: Mapping[str, Any] | None = None, **options) -> HypergradResult:
+    """dE(s_T)/dλ of the validation loss after `steps` inner steps from the model's initial
+    weights, at hyperparameters `hparams` (natural units; None: the problem's current values;
+    a partial dict overrides those named), by `method`."""
     if method not in METHODS:
-        raise ValueError(f"method={method!r} is not one of {sorted(METHODS)}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        raise HyperparameterError(f"method={method!r} is not one of {sorted(METHODS)}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise HyperparameterError(f"steps must be an integer >= 1, got {steps!r}")
+    accepted = method_options(method)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise HyperparameterError(
+            f"method {method!r} got unknown option(s) {unknown}; it takes "
+            f"{accepted if accepted else 'no options'}")
     problem.bound.space.require_differentiable(method)
-    return METHODS[method](problem, steps, **options)
+    values = problem.real_hparams()
+    if hparams is not None:
+        values = {**values, **{k: v for k, v in problem.bound.coerce(hparams, problem.hparams)
+                               .items() if k in values}}
+    return METHODS[method](problem, steps, values, **options)
 
 
-__all__ = ["hypergrad", "HypergradResult", "ForwardTangent", "METHODS"]
+__all__ = ["hypergrad", "HypergradResult", "ForwardTangent", "TruncatedWindow", "Engine", "run",
+           "METHODS", "method_options"]

@@ -6,6 +6,7 @@ import os
 import threading
 import time
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,15 +28,15 @@ class HypergradResult:
     stats: dict = field(default_factory=dict)
 
 
-def natural_leaves(problem: Problem, requires_grad: bool = False) -> Leaves:
-    """The Real hyperparameters' natural values as flat leaves (fresh tensors)."""
+def natural_leaves(values: Mapping[str, Any], requires_grad: bool = False) -> Leaves:
+    """Natural hyperparameter values (API shapes) as flat leaves (fresh tensors)."""
     return {k: v.detach().clone().requires_grad_(requires_grad)
-            for k, v in flatten(problem.real_hparams()).items()}
+            for k, v in flatten(values).items()}
 
 
-def hp_values(problem: Problem, leaves: Leaves) -> dict:
-    """Leaves back in the value shapes the optimizer and regularizer take."""
-    return unflatten(leaves, problem.real_hparams())
+def hp_values(values: Mapping[str, Any], leaves: Leaves) -> dict:
+    """Leaves back in the value shapes of `values`, which the optimizer and regularizer take."""
+    return unflatten(leaves, values)
 
 
 def rss_bytes() -> int:
@@ -70,6 +71,7 @@ class CostMeter:
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
         self.hvps = 0
+        self.phases: dict[str, float] = {}
         self._peak = 0
         self._stop = threading.Event()
 
@@ -85,6 +87,15 @@ class CostMeter:
         _ACTIVE.append(self)
         self._t0 = time.perf_counter()
         return self
+
+    @contextmanager
+    def phase(self, name: str):
+        """Time a phase of the method (forward, backward, solve, ...) into stats["phase_s"]."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0
 
     def sample(self) -> None:
         """Read the RSS now (CPU; on CUDA the allocator keeps its own peak)."""
@@ -111,13 +122,14 @@ class CostMeter:
         return {"wall_time_s": self.wall_time,
                 "peak_memory_mb": max(0, self._peak - self._base) / 2 ** 20,
                 "memory_source": "cuda_allocator" if self.device.type == "cuda" else "rss_sampled",
-                "hvps": self.hvps, **extra}
+                "hvps": self.hvps, "phase_s": dict(self.phases), **extra}
 
 
-def finish(problem: Problem, value: float, grad_leaves: Mapping[str, torch.Tensor | None],
-           stats: dict) -> HypergradResult:
-    """Assemble a result: natural grads in API shapes, and raw grads by the chain rule."""
-    like = problem.real_hparams()
+def finish(problem: Problem, values: Mapping[str, Any], value: float,
+           grad_leaves: Mapping[str, torch.Tensor | None], stats: dict) -> HypergradResult:
+    """Assemble a result at hyperparameters `values`: natural grads in API shapes, and raw
+    grads by the chain rule."""
+    like = values
     flat = flatten(like)
     full = {k: (grad_leaves.get(k) if grad_leaves.get(k) is not None else torch.zeros_like(v))
             .detach() for k, v in flat.items()}

@@ -10,17 +10,17 @@ optimizer's elementwise update is differentiated by its exact hand-written tange
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 from torch.func import jvp
 
-from .. import autodiff
+from ..errors import HyperparameterError
 from ..optim.base import tensor_state, with_tensor_state
 from ..problem import InnerState, Problem
 from ..space import flatten, unflatten
-from .common import CostMeter, HypergradResult, finish, natural_leaves
+from .common import CostMeter, HypergradResult, finish
+from .engine import run
 from .forward_fused import fused_step
 
 StateTensors = dict[str, dict[str, torch.Tensor]]
@@ -53,18 +53,44 @@ class Tangent:
         return self.members[0].leaf
 
 
+def exact_grouping(members: list[Column]) -> list[Tangent]:
+    """One carried column per scalar hyperparameter: the exact tangent."""
+    return [Tangent((m,)) for m in members]
+
+
+def summed_grouping(members: list[Column]) -> list[Tangent]:
+    """OHO's cheaper variant (Im, Savin & Cho 2021): one column per (hyperparameter name,
+    schedule block), summed over layers/elements; each member reads it back restricted to its
+    own parameter."""
+    groups: dict[tuple, list[Column]] = {}
+    for m in members:
+        groups.setdefault((m.leaf.partition("/")[0], m.block), []).append(m)
+    return [Tangent(tuple(g)) for g in groups.values()]
+
+
+GROUPINGS = {"exact": exact_grouping, "summed": summed_grouping}
+
+
 class ForwardTangent:
-    """Carries Z = ds/dλ alongside training; `step` advances both, `hypergrad` reads dE/dλ.
+    """The forward engine: carries Z = ds/dλ alongside training.
+
+    Engine interface (engine.py): `init() -> carry`, `step(carry, s, batch, λ, t) -> (s', carry',
+    loss)`, `readout(carry, s, val_batch) -> (E, dE/dλ)`, `reset(carry)`. The carry holds tensors
+    only: "Z" (empty until a column starts) and "started" (one flag per column). `tangent` is the
+    column grouping: a name in GROUPINGS or a function from scalar hyperparameters (Columns) to
+    carried Tangents.
 
     The columns are stacked: every tangent tensor has a leading dimension with one row per
     carried column, so the optimizer's tangent rule runs once per step for all columns (its
     elementwise ops broadcast over that dimension) instead of once per column.
     """
 
-    def __init__(self, problem: Problem, horizon: int, tangent: str = "exact",
+    def __init__(self, problem: Problem, horizon: int, tangent="exact",
                  compile: bool | dict = False):
-        if tangent not in ("exact", "summed"):
-            raise ValueError(f"tangent={tangent!r} is not one of 'exact', 'summed'")
+        grouping = GROUPINGS.get(tangent) if isinstance(tangent, str) else tangent
+        if not callable(grouping):
+            raise HyperparameterError(
+                f"tangent={tangent!r} is not one of {sorted(GROUPINGS)} or a grouping function")
         self.problem = problem
         self.horizon = horizon
         self.tangent = tangent
@@ -81,18 +107,8 @@ class ForwardTangent:
                 for e in range(per_block):
                     members.append(Column(key, None if hp.schedule is None else k, e,
                                           k * per_block + e, pname or None, hp.per))
-        if tangent == "exact":
-            self.columns = [Tangent((m,)) for m in members]
-        else:
-            # OHO's cheaper variant: one tangent per (hyperparameter name, block) summed over
-            # layers/elements; each member reads it back restricted to its own parameter.
-            groups: dict[tuple, list[Column]] = {}
-            for m in members:
-                groups.setdefault((m.leaf.partition("/")[0], m.block), []).append(m)
-            self.columns = [Tangent(tuple(g)) for g in groups.values()]
-        self.Z: StateTensors | None = None  # stacked: (columns, *shape) per tensor
-        self.started = [False] * len(self.columns)
-        self.hvps = 0
+        self.columns = grouping(members)
+        self.hvps = 0  # Hessian-vector products this engine has computed (a count, for stats)
         self._directions: dict[tuple, tuple] = {}
         # optimizers' hand-written JVP rules are exact and ~40x cheaper than torch.func.jvp
         # of the elementwise update on CPU; tests check them against the jvp fallback.
@@ -104,10 +120,13 @@ class ForwardTangent:
             self._fused = fused_step(problem, self.like,
                                      compile if isinstance(compile, dict) else None)
 
-    def reset(self) -> None:
+    def init(self) -> dict:
+        """The carry at s_0: no tangent yet (Z_0 = 0), no column started."""
+        return {"Z": {}, "started": torch.zeros(len(self.columns), dtype=torch.bool)}
+
+    def reset(self, carry: dict) -> dict:
         """Forget the tangent (OHO's `reset_every`)."""
-        self.Z = None
-        self.started = [False] * len(self.columns)
+        return self.init()
 
     def _block(self, key: str, t: int) -> int | None:
         sched = self.schedules[key]
@@ -148,22 +167,21 @@ class ForwardTangent:
             self._directions[sig] = (rows, per_param)
         return self._directions[sig]
 
-    def step(self, state: InnerState, batch, leaves: dict[str, torch.Tensor], t: int
-             ) -> tuple[InnerState, torch.Tensor]:
-        """Advance s_t -> s_{t+1} and Z_t -> Z_{t+1} with exact JVPs."""
-        if self._fused is not None and self.Z is not None and all(self.started):
-            return self._fused_step(state, batch, leaves, t)
+    def step(self, carry: dict, state: InnerState, batch, leaves: dict[str, torch.Tensor],
+             t: int) -> tuple[InnerState, dict, torch.Tensor]:
+        """Advance s_t -> s_{t+1} and Z_t -> Z_{t+1} with exact JVPs (Franceschi et al.
+        2017, Eq. 14)."""
+        started = carry["started"].tolist()
+        Z = carry["Z"] or None
+        if self._fused is not None and Z is not None and all(started):
+            return self._fused_step(Z, started, state, batch, leaves, t)
         problem, opt = self.problem, self.problem.optimizer
         hp_cur = {k: v.clone().requires_grad_(True) for k, v in self.current(leaves, t).items()}
         params = {n: p.detach().requires_grad_(True) for n, p in state.params.items()}
+        loss, g, buffers, g_hp = problem.train_grad(
+            params, state.buffers, batch, unflatten(hp_cur, self.like), create_graph=True,
+            wrt=hp_cur)
         keys = list(hp_cur)
-        with torch.enable_grad():
-            loss, buffers = problem.train_loss(params, state.buffers, batch,
-                                               unflatten(hp_cur, self.like))
-            got = autodiff.grad(loss, list(params.values()) + [hp_cur[k] for k in keys],
-                                create_graph=True)
-        g = dict(zip(params, got[:len(params)]))
-        g_hp = dict(zip(keys, got[len(params):]))
         primal_p = {n: p.detach() for n, p in params.items()}
         primal_o = tensor_state(state.opt)
         primal_g = {n: x.detach() for n, x in g.items()}
@@ -177,17 +195,17 @@ class ForwardTangent:
 
         direct_all = self._direct(t)
         # columns of blocks that have not started (or finished before a reset) stay zero
-        active = tuple(j for j, c in enumerate(self.columns) if self.started[j] or direct_all[j])
+        active = tuple(j for j, c in enumerate(self.columns) if started[j] or direct_all[j])
         rule = self.use_tangent_rule and getattr(opt, "tangent", None) is not None
         if not active or not rule:
             with torch.no_grad():
                 new = advanced(*opt.update(primal_p, state.opt, primal_g, hp_struct))
             if not active:
-                return new, loss.detach()
+                return new, carry, loss.detach()
         direct = tuple(direct_all[j] for j in active)
         rows, dhp = self._direction(active, direct, primal_h, primal_p)
         full = len(active) == len(self.columns)
-        Z = self.Z
+        full_Z = Z
         idx = None if full else torch.tensor(active, device=loss.device)
         if Z is not None and idx is not None:
             Z = {k: {n: z.index_select(0, idx) for n, z in d.items()} for k, d in Z.items()}
@@ -206,20 +224,20 @@ class ForwardTangent:
             dp, do = self._jvp_fallback(state.opt, primal_p, primal_o, primal_g, primal_h,
                                         Z["params"], to, dg, rows)
         new_Z = {"params": dp, **do}
-        if full:
-            self.Z = new_Z
-        else:
-            if self.Z is None:
-                self.Z = {k: {n: z.new_zeros((len(self.columns), *z.shape[1:]))
-                              for n, z in d.items()} for k, d in new_Z.items()}
+        if not full:
+            # the carry is never written in place: a snapshot of it stays what it was
+            merged = {k: {n: z.new_zeros((len(self.columns), *z.shape[1:]))
+                          for n, z in d.items()} for k, d in new_Z.items()} if full_Z is None \
+                else {k: {n: z.clone() for n, z in d.items()} for k, d in full_Z.items()}
             for k, d in new_Z.items():
                 for n, z in d.items():
-                    self.Z[k][n].index_copy_(0, idx, z)
-        for j in active:
-            self.started[j] = True
-        return new, loss.detach()
+                    merged[k][n].index_copy_(0, idx, z)
+            new_Z = merged
+        now_started = carry["started"].clone()
+        now_started[list(active)] = True
+        return new, {"Z": new_Z, "started": now_started}, loss.detach()
 
-    def _fused_step(self, state: InnerState, batch, leaves, t: int):
+    def _fused_step(self, Z, started, state: InnerState, batch, leaves, t: int):
         """`step` by the compiled pure function, every column at once."""
         hp_cur = self.current(leaves, t)
         direct = tuple(self._direct(t))
@@ -227,11 +245,11 @@ class ForwardTangent:
                                     state.params)
         opt_keys = list(tensor_state(state.opt))
         new_p, new_buffers, new_opt, dp, do, loss = self._fused(
-            state.params, state.buffers, state.opt, self.Z["params"],
-            {k: self.Z[k] for k in opt_keys}, batch, hp_cur, rows, dhp)
+            state.params, state.buffers, state.opt, Z["params"],
+            {k: Z[k] for k in opt_keys}, batch, hp_cur, rows, dhp)
         self.hvps += len(self.columns)
-        self.Z = {"params": dp, **do}
-        return InnerState(new_p, new_opt, new_buffers, state.t + 1), loss.detach()
+        carry = {"Z": {"params": dp, **do}, "started": torch.ones(len(started), dtype=torch.bool)}
+        return InnerState(new_p, new_opt, new_buffers, state.t + 1), carry, loss.detach()
 
     def _dgrad(self, params, g, g_hp, keys, rows, Z, direct, n_active):
         """Rows of d(∇L)/dλ along each column: H·Zθ + ∂²L/∂θ∂λ·e_j, one backward per row
@@ -253,8 +271,8 @@ class ForwardTangent:
                 continue
             if Z is not None:
                 self.hvps += 1
-            out_rows.append(list(autodiff.vjp(outs, list(params.values()), grad_outputs,
-                                              retain_graph=True)))
+            out_rows.append(list(self.problem.vjp(outs, list(params.values()), grad_outputs,
+                                                  retain_graph=True)))
         return {n: torch.stack([p.new_zeros(p.shape) if r[i] is None else r[i].detach()
                                 for r in out_rows])
                 for i, (n, p) in enumerate(params.items())}
@@ -282,18 +300,14 @@ class ForwardTangent:
         do = {k: {n: torch.stack([c[1][k][n] for c in cols]) for n in d} for k, d in to.items()}
         return dp, do
 
-    def hypergrad(self, state: InnerState, val_batch) -> tuple[float, dict[str, torch.Tensor]]:
+    def readout(self, carry: dict, state: InnerState, val_batch
+                ) -> tuple[float, dict[str, torch.Tensor]]:
         """E(s_t) and dE/dλ = ∇E(θ_t) · Z_t^θ for every leaf (natural units)."""
-        problem = self.problem
-        params = {n: p.detach().requires_grad_(True) for n, p in state.params.items()}
-        with torch.enable_grad():
-            value = problem.val_loss(params, state.buffers, val_batch)
-            c = autodiff.grad(value, list(params.values()))
-        c = {n: torch.zeros_like(p) if x is None else x for (n, p), x in zip(params.items(), c)}
+        value, c, _ = self.problem.val_grad(state.params, state.buffers, val_batch)
         grads = {k: torch.zeros_like(v) for k, v in flatten(self.like).items()}
-        if self.Z is None:
+        if not carry["Z"]:
             return value.item(), grads
-        Zp = self.Z["params"]
+        Zp = carry["Z"]["params"]
         # dots[n][j] = <∇E restricted to parameter n, column j's weight tangent>
         dots = {n: Zp[n].reshape(Zp[n].shape[0], -1) @ c[n].reshape(-1) for n in c}
         total = sum(dots.values())
@@ -312,26 +326,17 @@ class ForwardTangent:
                 grads[m.leaf].view(-1)[m.index] = val
         return value.item(), grads
 
-    def tangent_norm(self) -> float:
+    @staticmethod
+    def tangent_norm(carry: dict) -> float:
         """Frobenius norm of the weight part of Z."""
-        if self.Z is None:
+        if not carry["Z"]:
             return 0.0
-        norms = [torch.linalg.vector_norm(z) for z in self.Z["params"].values()]
+        norms = [torch.linalg.vector_norm(z) for z in carry["Z"]["params"].values()]
         return float(torch.linalg.vector_norm(torch.stack(norms)))
 
-    def state_dict(self) -> dict:
-        """The tangent, for saving a tuner mid-run."""
-        return {"Z": copy.deepcopy(self.Z), "started": list(self.started), "hvps": self.hvps,
-                "horizon": self.horizon}
 
-    def load_state_dict(self, sd: dict) -> None:
-        """Restore `state_dict`."""
-        self.Z, self.hvps, self.horizon = copy.deepcopy(sd["Z"]), sd["hvps"], sd["horizon"]
-        self.started = list(sd["started"])
-
-
-def forward(problem: Problem, steps: int, tangent: str = "exact", compile: bool | dict = False,
-            **_) -> HypergradResult:
+def forward(problem: Problem, steps: int, values: dict, *, tangent="exact",
+            compile: bool | dict = False) -> HypergradResult:
     """Forward-mode hypergradient after `steps` inner steps (memory constant in T).
 
     tangent="summed" is OHO's approximation (one tangent per hyperparameter name, read back
@@ -341,11 +346,7 @@ def forward(problem: Problem, steps: int, tangent: str = "exact", compile: bool 
     """
     with CostMeter(problem.device) as meter:
         engine = ForwardTangent(problem, steps, tangent, compile=compile)
-        leaves = natural_leaves(problem)
-        state = problem.init_state()
-        for t in range(steps):
-            state, _ = engine.step(state, problem.train_batch(t), leaves, t)
-        value, grads = engine.hypergrad(state, problem.val_batch(steps))
+        value, grads = run(engine, problem, steps, values, meter)
         meter.hvps = engine.hvps
-    return finish(problem, value, grads,
+    return finish(problem, values, value, grads,
                   meter.stats(method="forward", steps=steps, columns=len(engine.columns)))

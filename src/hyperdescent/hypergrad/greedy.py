@@ -11,11 +11,9 @@ from .common import CostMeter, HypergradResult, finish
 from .reverse import unrolled_hypergrad
 
 
-def greedy(problem: Problem, steps: int, **_) -> HypergradResult:
+def greedy(problem: Problem, steps: int, values: dict) -> HypergradResult:
     """One-step hypergradient of the validation loss after the last step."""
-    if steps < 1:
-        raise ValueError(f"greedy needs steps >= 1, got {steps}")
     with CostMeter(problem.device) as meter:
-        value, grads, extra = unrolled_hypergrad(problem, steps, steps - 1)
+        value, grads, extra = unrolled_hypergrad(problem, steps, values, steps - 1, meter=meter)
         meter.hvps = extra.pop("hvps")
-    return finish(problem, value, grads, meter.stats(method="greedy", steps=steps, **extra))
+    return finish(problem, values, value, grads, meter.stats(method="greedy", steps=steps, **extra))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import autodiff
 from ..errors import HyperparameterError
 from ..optim.base import axpy
 from ..problem import Problem
@@ -77,31 +76,32 @@ def cg_solve(hvp, b: list[torch.Tensor], iters: int, tol: float) -> tuple[list[t
     return x, used
 
 
-def implicit(problem: Problem, steps: int, solver: str = "neumann", terms: int = 20,
-             iters: int = 100, tol: float = 1e-10, alpha: float | None = None,
-             **_) -> HypergradResult:
+def implicit(problem: Problem, steps: int, values: dict, *, solver: str = "neumann",
+             terms: int = 20, iters: int = 100, tol: float = 1e-10,
+             alpha: float | None = None) -> HypergradResult:
     """IFT hypergradient at the weights after `steps` inner steps (Neumann or CG solver)."""
     problem.bound.space.require_differentiable("implicit")
     _refuse_non_stationary(problem)
     if solver not in ("neumann", "cg"):
-        raise ValueError(f"solver={solver!r} is not one of 'neumann', 'cg'")
+        raise HyperparameterError(f"solver={solver!r} is not one of 'neumann', 'cg'")
     opt = problem.optimizer
     with CostMeter(problem.device) as meter:
-        lam = natural_leaves(problem, requires_grad=True)
-        values_d = hp_values(problem, {k: v.detach() for k, v in lam.items()})
-        state = run_plain(problem, problem.init_state(), 0, steps, values_d, steps)
-        hp = problem.hp_at(hp_values(problem, lam), max(steps - 1, 0), max(steps, 1))
+        lam = natural_leaves(values, requires_grad=True)
+        values_d = hp_values(values, {k: v.detach() for k, v in lam.items()})
+        with meter.phase("forward"):
+            state = run_plain(problem, problem.init_state(), 0, steps, values_d, steps)
+        hp = problem.hp_at(hp_values(values, lam), max(steps - 1, 0), max(steps, 1))
         params = {n: p.detach().requires_grad_(True) for n, p in state.params.items()}
         plist = list(params.values())
         lam_list = list(lam.values())
-        with torch.enable_grad():
+        with torch.enable_grad(), meter.phase("backward"):
             value = problem.val_loss(params, state.buffers, problem.val_batch(steps))
-            got = autodiff.grad(value, plist + lam_list)
+            got = problem.grad(value, plist + lam_list)
             v = [g if g is not None else torch.zeros_like(p) for g, p in zip(got, plist)]
             direct = got[len(plist):]
             loss, _ = problem.train_loss(params, state.buffers,
                                          problem.train_batch(max(steps - 1, 0)), hp)
-            g = autodiff.grad(loss, plist, create_graph=True)
+            g = problem.grad(loss, plist, create_graph=True)
             F, decay = [], []
             for (n, p), gi in zip(params.items(), g):
                 wd = opt.value(hp, "weight_decay", n) if "weight_decay" in opt.fixed else 0.0
@@ -112,20 +112,22 @@ def implicit(problem: Problem, steps: int, solver: str = "neumann", terms: int =
             # A·u = H·u + wd·u: the weight-decay part of ∂F/∂θ is diagonal, so it is added
             # directly instead of backpropagating through wd·θ
             meter.hvps += 1
-            out = autodiff.vjp(g, plist, u, retain_graph=True)
+            out = problem.vjp(g, plist, u, retain_graph=True)
             return [axpy(o if o is not None else torch.zeros_like(x), wd, x)
                     for o, x, wd in zip(out, u, decay)]
 
         extra = {}
-        if solver == "neumann":
-            step = alpha if alpha is not None else float(opt.fixed["lr"])
-            q = neumann_solve(hvp, v, step, terms)
-            extra = {"terms": terms, "alpha": step}
-        else:
-            q, used = cg_solve(hvp, v, iters, tol)
-            extra = {"cg_iters": used}
+        with meter.phase("solve"):
+            if solver == "neumann":
+                step = alpha if alpha is not None else float(opt.fixed["lr"])
+                q = neumann_solve(hvp, v, step, terms)
+                extra = {"terms": terms, "alpha": step}
+            else:
+                q, used = cg_solve(hvp, v, iters, tol)
+                extra = {"cg_iters": used}
         sample_memory()  # the training gradient's graph and the solver's vectors are alive
-        mixed = autodiff.vjp(F, lam_list, q)
+        with meter.phase("backward"):
+            mixed = problem.vjp(F, lam_list, q)
         grads = {}
         for key, d, m in zip(lam, direct, mixed):
             total = torch.zeros_like(lam[key])
@@ -134,5 +136,5 @@ def implicit(problem: Problem, steps: int, solver: str = "neumann", terms: int =
             if m is not None:
                 total = total - m
             grads[key] = total
-    return finish(problem, value.item(), grads,
+    return finish(problem, values, value.item(), grads,
                   meter.stats(method="implicit", steps=steps, solver=solver, **extra))

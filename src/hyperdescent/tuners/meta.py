@@ -1,0 +1,111 @@
+"""The meta-optimizer every tuner shares: steps raw (unconstrained) hyperparameter coordinates.
+
+A tuner hands it hypergradients with respect to raw coordinates; it clips their joint norm,
+takes an Adam (Kingma & Ba 2015), SGD or sign step (signSGD, Bernstein et al. 2018) and
+projects the result back inside the bounds. It steps any dict of tensors, so an STN's
+perturbation scales fit beside the hyperparameters themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+
+from ..errors import HyperparameterError
+
+KINDS = ("adam", "sgd", "sign")
+
+Leaves = dict[str, torch.Tensor]
+
+
+class MetaOptimizer:
+    """Gradient steps on raw coordinates: norm clipping, then adam/sgd/sign, then projection."""
+
+    def __init__(self, raw: Mapping[str, torch.Tensor], kind: str = "adam", lr: float = 0.03,
+                 clip: float | None = None, project: Callable[[Leaves], Leaves] | None = None):
+        if kind not in KINDS:
+            raise HyperparameterError(f"meta_optimizer={kind!r} is not one of {KINDS}")
+        check_meta_lr(lr)
+        if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
+            raise HyperparameterError(f"clip must be a positive number or None, got {clip!r}")
+        self.raw: Leaves = {k: v.detach().clone().requires_grad_(True) for k, v in raw.items()}
+        self.kind, self.lr, self.clip, self.project = kind, float(lr), clip, project
+        self._opt = self._make(self.lr)
+
+    def _make(self, lr: float) -> torch.optim.Optimizer:
+        params = list(self.raw.values())
+        if self.kind == "adam":
+            # the fused kernel skips most of torch.optim's per-step Python, which dominates
+            # a meta-step over a handful of scalars
+            try:
+                return torch.optim.Adam(params, lr=lr, fused=True)
+            except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+                return torch.optim.Adam(params, lr=lr)
+        return torch.optim.SGD(params, lr=lr)
+
+    def values(self) -> Leaves:
+        """The current raw coordinates (detached)."""
+        return {k: v.detach() for k, v in self.raw.items()}
+
+    def step(self, raw_grads: Mapping[str, torch.Tensor]) -> dict:
+        """One meta-step along -raw_grads; skipped (and said so) when they are not finite.
+        Returns {"hypergrad_norm": the norm before clipping, "skipped": bool}."""
+        norm = math.sqrt(sum(float((g * g).sum()) for g in raw_grads.values()))
+        if not math.isfinite(norm):
+            return {"hypergrad_norm": norm, "skipped": True}
+        scale = self.clip / norm if self.clip is not None and norm > self.clip else 1.0
+        for k, p in self.raw.items():
+            g = raw_grads[k] * scale
+            p.grad = torch.sign(g) if self.kind == "sign" else g.clone()
+        self._opt.step()
+        if self.project is not None:
+            with torch.no_grad():
+                projected = self.project(self.values())
+                for k, p in self.raw.items():
+                    p.copy_(projected[k])
+        return {"hypergrad_norm": norm, "skipped": False}
+
+    def assign(self, raw: Mapping[str, torch.Tensor]) -> None:
+        """Overwrite some raw coordinates in place (a rollback, a backtracking step)."""
+        with torch.no_grad():
+            for k, v in raw.items():
+                self.raw[k].copy_(v)
+
+    def set_lr(self, lr: float) -> None:
+        """Change the meta learning rate, keeping the optimizer's moments."""
+        check_meta_lr(lr)
+        self.lr = float(lr)
+        for group in self._opt.param_groups:
+            group["lr"] = self.lr
+
+    def state_dict(self) -> dict:
+        """Raw coordinates, learning rate and the inner optimizer's moments (tensors and
+        plain values only)."""
+        return {"raw": {k: v.detach().clone() for k, v in self.raw.items()}, "lr": self.lr,
+                "opt": _clone(self._opt.state_dict())}
+
+    def load_state_dict(self, sd: Mapping) -> None:
+        """Restore `state_dict`."""
+        self.assign(sd["raw"])
+        self.lr = float(sd["lr"])
+        self._opt = self._make(self.lr)
+        self._opt.load_state_dict(_clone(sd["opt"]))
+
+
+def check_meta_lr(lr) -> None:
+    """Refuse a meta learning rate that is not a finite number >= 0."""
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) \
+            or lr < 0:
+        raise HyperparameterError(f"meta_lr must be a finite number >= 0, got {lr!r}")
+
+
+def _clone(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: _clone(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_clone(v) for v in x]
+    return x
