@@ -1,6 +1,6 @@
 """hyperdescent: gradient-based hyperparameter optimization for PyTorch."""
 
-from . import blackbox, experiment, optim, report, tasks
+from . import blackbox, experiment, optim, report, stn, tasks
 from .errors import (
     ConfigError,
     DataError,
@@ -16,5 +16,5 @@ from .tuners import OnlineTuner, Schedule
 __version__ = "0.1.0"
 
 __all__ = ["Space", "Real", "Int", "Categorical", "Piecewise", "Problem", "OnlineTuner", "Schedule", "InnerState",
-           "optim", "tasks", "blackbox", "experiment", "report", "ConfigError", "hypergrad", "HypergradResult", "HyperdescentError", "HyperparameterError",
+           "optim", "stn", "tasks", "blackbox", "experiment", "report", "ConfigError", "hypergrad", "HypergradResult", "HyperdescentError", "HyperparameterError",
            "DataError", "NonFiniteError"]
