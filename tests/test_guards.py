@@ -1,0 +1,279 @@
+"""The online tuner's stability guards, driven through the public loop (`step()` / `run()`).
+
+Each test controls the training loss the guard sees (a loss function that spikes at a chosen
+step, or returns a chosen sequence of values) and would fail if its rule were unhooked from
+`step()`: spikes, the first-loss rule, slow trends, the give-back rule, learning-rate
+backtracking, the snapshot a rollback lands on, `max_rollbacks` exhaustion both ways,
+hypergradient clipping, projection to the bounds, `reset_every` and greedy's per-step reset.
+"""
+
+import math
+
+import pytest
+import torch
+from helpers import data, mlp
+
+import hyperdescent as hd
+
+LR0, WD0 = 0.05, 1e-3
+
+
+def space():
+    return hd.Space({"lr": hd.Real(LR0, low=1e-4, high=1.0, log=True),
+                     "weight_decay": hd.Real(WD0, low=1e-6, high=0.1, log=True)})
+
+
+def make_problem(loss, sp=None):
+    x, y = data(n=64)
+    return hd.Problem(mlp(), loss=loss, optimizer=hd.optim.SGD(momentum=0.9),
+                      space=sp or space(), train=(x, y), val=(x[:24] + 0.1, y[:24]),
+                      batch_size=16, seed=1)
+
+
+class Spiking:
+    """cross_entropy, times `factor` on the training loss of the steps in `at` (once each).
+
+    The training loss is told from the validation loss by the module's mode (the validation
+    loss is evaluated in eval mode)."""
+
+    def __init__(self, at=(), factor=50.0, value=None):
+        self.at, self.factor, self.value = set(at), factor, value
+        self.t, self.model = 0, None
+
+    def __call__(self, out, y):
+        loss = torch.nn.functional.cross_entropy(out, y)
+        if not self.model.training:
+            return loss
+        if self.value is not None:  # a scripted training loss (zero gradient)
+            return loss * 0 + self.value[self.t]
+        if self.t in self.at:
+            return loss * self.factor
+        return loss
+
+
+def tuner_with(loss: Spiking, **kw):
+    p = make_problem(loss)
+    loss.model = p.model
+    return hd.OnlineTuner(p, **kw)
+
+
+def drive(tuner, loss, steps, stop_at_event=False):
+    """Call `step()` until `tuner.t == steps`, telling the loss function the step index;
+    a spike fires only the first time its step is reached."""
+    records = []
+    while tuner.t < steps:
+        loss.t = tuner.t
+        rec = tuner.step()
+        records.append(rec)
+        if rec.get("event") in ("rollback", "guard_exhausted"):
+            loss.at.discard(rec["step"])
+            if stop_at_event:
+                break
+    return records
+
+
+# -- spikes and rollbacks -----------------------------------------------------------------
+def test_a_finite_50x_spike_rolls_back_to_the_older_snapshot():
+    loss = Spiking(at={10})
+    tuner = tuner_with(loss, meta_lr=0.1, snapshot_every=4)
+    saved = {}
+
+    def run_to(n):
+        while tuner.t < n:
+            loss.t = tuner.t
+            tuner.step()
+            if tuner.t == 4 and not tuner.events:
+                saved["params"] = {k: v.clone() for k, v in tuner.state.params.items()}
+                saved["hparams"] = {k: v.clone() for k, v in tuner.hparams.items()}
+
+    run_to(10)
+    before = [dict(r) for r in tuner.history]
+    loss.t = tuner.t
+    rec = tuner.step()  # step 10: the train loss is 50x
+    assert rec["event"] == "rollback" and rec["step"] == 10
+    assert rec["train_loss"] > 10 * before[-1]["train_loss"]
+    assert tuner.rollbacks == 1
+    # snapshots were taken after 4 and 8 healthy steps: the rollback lands on the older one
+    assert rec["to_step"] == 4 and tuner.t == 4
+    assert len(tuner.history) == 4
+    assert [r["train_loss"] for r in tuner.history] == [r["train_loss"] for r in before[:4]]
+    for k, v in saved["params"].items():
+        assert torch.equal(tuner.state.params[k], v), k
+    # the meta learning rate is halved, and so is the learning rate (backtracking); weight
+    # decay, not in `backtrack`, comes back as it was
+    assert tuner.meta_lr == pytest.approx(0.05) and rec["meta_lr"] == pytest.approx(0.05)
+    assert tuner.hparams["lr"].item() == pytest.approx(0.5 * saved["hparams"]["lr"].item(),
+                                                       rel=1e-12)
+    assert tuner.hparams["weight_decay"].item() == pytest.approx(
+        saved["hparams"]["weight_decay"].item(), rel=1e-12)
+    loss.at.clear()
+    run_to(12)
+    assert [r["step"] for r in tuner.history] == list(range(12))
+    assert tuner.history[4]["hparams"]["lr"] == pytest.approx(
+        0.5 * saved["hparams"]["lr"].item(), rel=1e-12)
+
+
+def test_without_backtrack_the_learning_rate_comes_back_unhalved():
+    loss = Spiking(at={10})
+    tuner = tuner_with(loss, meta_lr=0.1, snapshot_every=4, backtrack=())
+    recs = drive(tuner, loss, 11, stop_at_event=True)
+    assert recs[-1]["event"] == "rollback" and recs[-1]["to_step"] == 4
+    # the record of step 4 holds the lr step 4 used, which the snapshot after step 3 kept
+    assert tuner.hparams["lr"].item() == pytest.approx(recs[4]["hparams"]["lr"], rel=1e-12)
+
+
+def test_no_spike_no_rollback_on_the_same_run():
+    loss = Spiking(at=())
+    tuner = tuner_with(loss, meta_lr=0.1, snapshot_every=4)
+    drive(tuner, loss, 14)
+    assert tuner.rollbacks == 0 and not tuner.events
+
+
+def test_max_rollbacks_exhausted_on_a_finite_loss_logs_once_and_runs_on():
+    loss = Spiking(at={7, 9, 11})
+    tuner = tuner_with(loss, meta_lr=0.1, snapshot_every=2, max_rollbacks=1)
+    drive(tuner, loss, 14)
+    kinds = [e["event"] for e in tuner.events]
+    assert kinds == ["rollback", "guard_exhausted"]
+    assert tuner.rollbacks == 1
+    exhausted = tuner.events[1]
+    # past the limit the spiked step is kept: its record is in the history, the run goes on
+    rec = next(r for r in tuner.history if r["step"] == exhausted["step"])
+    assert rec["train_loss"] == exhausted["train_loss"]
+    assert [r["step"] for r in tuner.history] == list(range(14))
+
+
+def test_max_rollbacks_exhausted_on_a_non_finite_loss_raises():
+    loss = Spiking(at={6}, factor=math.nan)
+    tuner = tuner_with(loss, meta_lr=0.1, snapshot_every=2, max_rollbacks=0)
+    with pytest.raises(FloatingPointError, match="diverged"):
+        drive(tuner, loss, 8)
+
+
+def test_a_non_finite_loss_within_the_limit_rolls_back():
+    loss = Spiking(at={6}, factor=math.inf)
+    tuner = tuner_with(loss, meta_lr=0.1, snapshot_every=2, max_rollbacks=3)
+    drive(tuner, loss, 8)
+    assert [e["event"] for e in tuner.events] == ["rollback"]
+    assert all(math.isfinite(r["train_loss"]) for r in tuner.history)
+
+
+# -- the rules, each alone ----------------------------------------------------------------
+def first_alarm(values, steps=None, **kw):
+    """Drive a tuner whose training loss is the scripted `values` (step t sees values[t]);
+    returns (step of the first rollback or None, the tuner)."""
+    loss = Spiking(value=values)
+    tuner = tuner_with(loss, meta_lr=0.1, snapshot_every=1000, **kw)
+    recs = drive(tuner, loss, steps or len(values), stop_at_event=True)
+    alarms = [r["step"] for r in recs if r.get("event") == "rollback"]
+    return (alarms[0] if alarms else None), tuner
+
+
+def test_first_loss_rule_catches_a_loss_three_times_the_first():
+    """A loss that rose steadily (so 3x the running average is out of reach) and then passes
+    3x the first loss: only the first-loss rule sees it."""
+    rising = [1.0, 1.35, 1.7, 2.05, 2.4, 2.75, 2.8, 2.85, 2.9, 2.9]
+    step, _ = first_alarm(rising + [3.2] + [2.9] * 5)
+    assert step == 10
+    assert first_alarm(rising + [2.95] + [2.9] * 5)[0] is None
+
+
+def test_spike_rule_catches_a_jump_over_three_times_the_running_average():
+    """Falling loss, then a jump to ~4x the running average (below 3x the first loss)."""
+    falling = [1.0, 0.6, 0.3] + [0.2] * 12  # running average ~0.4 after 15 steps
+    step, _ = first_alarm(falling + [1.5] + [0.2] * 3)
+    assert step == 15
+    # the same jump with spike_factor 5: not a spike (below 5x the average, below 3x first)
+    assert first_alarm(falling + [1.5] + [0.2] * 3, spike_factor=5.0)[0] is None
+
+
+def test_spike_rule_waits_for_five_steps():
+    assert first_alarm([1.0, 0.5, 2.9, 0.5, 0.5, 0.5, 0.5])[0] is None
+
+
+def test_slow_trend_is_caught_without_any_spike():
+    """1.0 -> 0.5 over 30 steps, then creeping up 1% a step: no single spike; the running
+    average passes its best by more than trend_factor-1 of it (the give-back rule is off)."""
+    down = [1.0 - 0.5 * t / 30 for t in range(31)]
+    up = [0.5 + 0.01 * t for t in range(1, 40)]
+    step, _ = first_alarm(down + up, giveback=math.inf)
+    assert step is not None and step > 31
+    assert first_alarm(down + up, giveback=math.inf, trend_factor=math.inf)[0] is None
+
+
+def test_give_back_rule_catches_a_stall_back_at_chance():
+    """2.3 -> 1.9 -> 2.3 (dead ReLUs): under trend_factor's 20% of the best, but it gives back
+    more than `giveback` of the progress made."""
+    losses = ([2.3 - 0.4 * t / 30 for t in range(31)] +
+              [1.9 + 0.4 * t / 30 for t in range(1, 31)] + [2.3] * 10)
+    step, _ = first_alarm(losses)
+    assert step is not None and 31 < step
+    assert losses[step] > 1.9 + 0.3 * 0.4 + 0.05 * 2.3
+    assert first_alarm(losses, giveback=math.inf)[0] is None
+
+
+# -- meta-step safeguards -------------------------------------------------------------------
+def _raw(hparams):
+    return torch.stack([hparams["lr"].log(), hparams["weight_decay"].log()])
+
+
+def test_clipping_bounds_the_raw_meta_step():
+    """SGD meta-optimizer: the raw step is meta_lr * clip in norm once the hypergradient's
+    norm exceeds `clip`, and meta_lr * the norm without clipping."""
+    for clip in (1e-4, None):
+        loss = Spiking()
+        tuner = tuner_with(loss, meta_optimizer="sgd", meta_lr=1e-3, clip=clip)
+        before = _raw(tuner.hparams)
+        rec = drive(tuner, loss, 1)[0]
+        assert rec["hypergrad_norm"] > 1e-3
+        step = (_raw(tuner.hparams) - before).norm().item()
+        expected = 1e-3 * (clip if clip is not None else rec["hypergrad_norm"])
+        assert step == pytest.approx(expected, rel=1e-9)
+
+
+def test_meta_steps_are_projected_onto_the_bounds():
+    """A sign meta-step of 5 in log space from lr 0.01 with bounds [1e-3, 0.1] overshoots
+    either way; the projection puts it on a bound."""
+    sp = hd.Space({"lr": hd.Real(0.01, low=1e-3, high=0.1, log=True),
+                   "weight_decay": hd.Real(1e-3, low=1e-4, high=1e-2, log=True)})
+    loss = Spiking()
+    p = make_problem(loss, sp)
+    loss.model = p.model
+    tuner = hd.OnlineTuner(p, meta_optimizer="sign", meta_lr=5.0)
+    drive(tuner, loss, 1)
+    lr, wd = tuner.hparams["lr"].item(), tuner.hparams["weight_decay"].item()
+    assert lr == pytest.approx(1e-3, rel=1e-9) or lr == pytest.approx(0.1, rel=1e-9)
+    assert wd == pytest.approx(1e-4, rel=1e-9) or wd == pytest.approx(1e-2, rel=1e-9)
+    # and the next step's record uses the projected value
+    rec = drive(tuner, loss, 2)[0]
+    assert 1e-3 <= rec["hparams"]["lr"] <= 0.1
+
+
+def _tangent_norms(steps, **kw):
+    loss = Spiking()
+    tuner = tuner_with(loss, meta_optimizer="sgd", meta_lr=0.0, **kw)
+    drive(tuner, loss, steps)
+    return [r["tangent_norm"] for r in tuner.history]
+
+
+def test_reset_every_restarts_the_tangent():
+    """meta_lr 0, so every tuner sees the same trajectory: with reset_every=3 the tangent
+    after steps 0, 3, 6 is the one-step tangent (greedy's), in between it is not."""
+    greedy = _tangent_norms(8, method="greedy")
+    reset3 = _tangent_norms(8, reset_every=3)
+    never = _tangent_norms(8, reset_every=None)
+    for t in range(8):
+        if t % 3 == 0:
+            assert reset3[t] == pytest.approx(greedy[t], rel=1e-12), t
+        else:
+            assert abs(reset3[t] - greedy[t]) > 1e-6 * greedy[t], t
+    assert reset3[1:3] == pytest.approx(never[1:3], rel=1e-12)  # no reset yet
+    assert all(abs(never[t] - reset3[t]) > 1e-6 * reset3[t] for t in (3, 4, 6))
+
+
+def test_greedy_resets_the_tangent_every_step():
+    greedy = _tangent_norms(5, method="greedy", reset_every=None)
+    one = _tangent_norms(5, reset_every=1)
+    never = _tangent_norms(5, reset_every=None)
+    assert greedy == pytest.approx(one, rel=1e-12)
+    assert all(abs(g - n) > 1e-6 * g for g, n in zip(greedy[1:], never[1:]))
