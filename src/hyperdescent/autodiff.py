@@ -2,7 +2,7 @@
 
 `torch.autograd.grad` validates and normalizes its arguments on every call (shape checks of
 each grad_output, symbolic-shape comparisons); for the small models of inner loops that costs
-~70 µs a call, 8% of a Hessian-vector product on the digits MLP. The engines here call it
+a noticeable share of a Hessian-vector product on small models. The engines here call it
 thousands of times with grad_outputs they built themselves, so they go straight to the engine
 and fall back to `torch.autograd.grad` where that internal entry point is missing or changed.
 """

@@ -1,4 +1,4 @@
-"""The `hyperdescent` command: demo, run, compare, report (API.md, "Command line").
+"""The `hyperdescent` command: demo, run, compare, report .
 
 Every command writes (or rewrites) a run directory and prints its path as the last line of
 stdout. Config and data errors print one line on stderr and exit with status 2.

@@ -1,4 +1,4 @@
-"""Replayable batches: batch t of a run is a pure function of (seed, t) (API.md, `hd.Problem`).
+"""Replayable batches: batch t of a run is a pure function of (seed, t).
 
 Each epoch is a seeded permutation of the dataset and batches are consecutive slices of it,
 drawn by tensor indexing of a dataset held as tensors on the model's device.
@@ -84,7 +84,7 @@ class ReplayableBatches:
         if self.full:
             return self.x, self.y
         idx = self.indices(t)
-        # index_select, not x[idx]: advanced indexing is ~5x slower on CPU for small batches
+        # index_select, not x[idx]: advanced indexing is slower on CPU for small batches
         return self.x.index_select(0, idx), self.y.index_select(0, idx)
 
 

@@ -1,4 +1,4 @@
-"""Errors that name the offending input and say what would be accepted (DESIGN.md)."""
+"""Errors that name the offending input and say what would be accepted."""
 
 
 class HyperdescentError(ValueError):

@@ -1,7 +1,7 @@
 """Hyperparameter declarations, raw <-> natural transforms, sharing (`per=`) and schedules.
 
 This layer knows nothing of models: `Space.bind` takes the model's parameter names and
-shapes and returns a `BoundSpace` that knows every value's shape (API.md, "Hyperparameters").
+shapes and returns a `BoundSpace` that knows every value's shape.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ _EDGE = 1e-12
 
 @dataclass(frozen=True)
 class Piecewise:
-    """A schedule of K values, each shared by a contiguous block of steps (seed 001, sharing)."""
+    """A schedule of K values, each shared by a contiguous block of steps (Micaelli & Storkey 2021, hyperparameter sharing)."""
 
     K: int
 
@@ -32,7 +32,7 @@ class Piecewise:
             raise HyperparameterError(f"Piecewise(K) needs an integer K >= 1, got K={self.K!r}")
 
     def block(self, t: int, horizon: int) -> int:
-        """Block used by step t (0-based) of a run of `horizon` steps: floor(t*K/T) (API.md)."""
+        """Block used by step t (0-based) of a run of `horizon` steps: floor(t*K/T)."""
         if horizon < 1:
             raise HyperparameterError(f"a schedule needs a horizon >= 1 step, got {horizon}")
         return min(self.K - 1, (max(t, 0) * self.K) // horizon)
@@ -183,7 +183,7 @@ class Categorical(Hyperparameter):
 
 
 class Space(Mapping):
-    """A named set of hyperparameter declarations (API.md `hd.Space`)."""
+    """A named set of hyperparameter declarations ."""
 
     def __init__(self, hparams: Mapping[str, Hyperparameter]):
         self._hp: dict[str, Hyperparameter] = {}
@@ -266,7 +266,7 @@ class BoundSpace:
 
     # -- construction and conversion ---------------------------------------------------
     def initial(self, dtype=torch.float64, device=None) -> dict:
-        """Initial natural values, in the value shapes of API.md."""
+        """Initial natural values, in the value shapes of `hd.Space`."""
         out = {}
         for name, hp in self.space.items():
             if not hp.differentiable:
@@ -355,7 +355,7 @@ class BoundSpace:
 
     # -- steps ---------------------------------------------------------------------------
     def at_step(self, values: Mapping[str, Any], t: int, horizon: int) -> dict:
-        """The values step t uses: a scheduled hyperparameter's block floor(t*K/T) (API.md)."""
+        """The values step t uses: a scheduled hyperparameter's block floor(t*K/T)."""
         out = {}
         for name, v in values.items():
             hp = self.space[name]

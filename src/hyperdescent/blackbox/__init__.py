@@ -1,4 +1,4 @@
-"""Black-box hyperparameter search baselines backed by Optuna (seed 004): samplers, pruners, objectives."""
+"""Black-box hyperparameter search baselines backed by Optuna: samplers, pruners, objectives."""
 
 from .distributions import (
     assemble,

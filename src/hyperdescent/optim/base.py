@@ -149,8 +149,8 @@ def unflat(vector: torch.Tensor, like: Params) -> Params:
 class FlatViews(dict):
     """`unflat(flat, like)` made on first read. A flat optimizer step returns its weights,
     gradients' and buffers' dicts this way: the next flat step reads the vectors back whole
-    (`common_base`, O(1)), so the per-parameter views of gradients and momentum buffers, which
-    with autograd tracking cost ~20 µs each a step on a small MLP, are never made. Reads,
+    (`common_base`, O(1)), so the per-parameter views of gradients and momentum buffers, each
+    a split plus reshapes with autograd tracking, are never made. Reads,
     writes and copies all see the views; pickling and copying give a plain dict."""
 
     __slots__ = ("flat", "_like")
