@@ -15,11 +15,12 @@ from .forward import ForwardTangent, forward
 from .greedy import greedy
 from .implicit import implicit
 from .reverse import reverse
+from .reversible import reversible
 from .truncated import TruncatedWindow, truncated
 
 #: the method table: adding a method is one module and one entry here
 METHODS = {"reverse": reverse, "truncated": truncated, "forward": forward,
-           "implicit": implicit, "greedy": greedy}
+           "implicit": implicit, "greedy": greedy, "reversible": reversible}
 
 
 def method_options(method: str) -> list[str]:

@@ -1,0 +1,192 @@
+"""Reversible learning: exact reverse-mode hypergradients without storing the trajectory.
+
+Maclaurin, Duvenaud & Adams 2015, "Gradient-based hyperparameter optimization through
+reversible learning", Algorithm 2. The forward pass runs SGD with momentum in int64 fixed
+point (`optim.reversible_sgd`), keeping the bits the momentum destroys in an rANS buffer
+(`coder`). The reverse pass walks the run backwards: it un-steps the weights, recomputes the
+gradient at the exactly recovered weights (same batch, same device, same threads: the same
+bits as forward), un-steps the velocity, and backpropagates the adjoints (dθ, dv) through
+the step with one vector-Jacobian product, whose dθ part is the Hessian-vector product of
+Algorithm 2 and whose dλ part collects every hyperparameter's gradient (learning rates,
+momenta and weight decays, global, per layer, per element or scheduled, and regularizer
+hyperparameters). At the end the initial weights, velocities and buffer are compared with
+the ones the run started from, bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import HyperparameterError
+from ..optim import SGD
+from ..optim import reversible_sgd as rsgd
+from ..problem import Problem
+from ..space import flatten, unflatten
+from .coder import RansBuffer
+from .common import CostMeter, HypergradResult, finish, sample_memory
+
+_HP = ("lr", "weight_decay", "momentum")
+
+
+def _check_optimizer(problem: Problem) -> SGD:
+    opt = problem.optimizer
+    tuned = "momentum" in problem.bound.real_names()
+    if not isinstance(opt, SGD) or opt.fixed["nesterov"] or \
+            not (tuned or float(opt.fixed["momentum"]) > 0) or \
+            float(opt.fixed["dampening"]) != 0 or "dampening" in problem.bound.real_names():
+        raise HyperparameterError(
+            f"method='reversible' reverses hd.optim.SGD with momentum > 0, without Nesterov or "
+            f"dampening; the problem's optimizer is {opt!r}")
+    if problem.buffers0:
+        raise HyperparameterError(
+            f"method='reversible' cannot reverse the model's buffers {sorted(problem.buffers0)} "
+            f"(e.g. BatchNorm running statistics); use a model without buffers or "
+            f"method='reverse'")
+    return opt
+
+
+def _quantized_values(values: dict, opt: SGD, denom: int) -> tuple[dict, object]:
+    """The values with momentum rounded to n/denom, and the momentum used (for the stats)."""
+    values = dict(values)
+    if "momentum" in values:
+        mu = values["momentum"]
+        if isinstance(mu, dict):
+            q = {p: rsgd.quantize_momentum(x.detach(), denom)[1].to(x.dtype) for p, x in mu.items()}
+            values["momentum"] = q
+            return values, {p: x.tolist() for p, x in q.items()}
+        q = rsgd.quantize_momentum(mu.detach(), denom)[1].to(mu.dtype)
+        values["momentum"] = q
+        return values, q.tolist()
+    return values, float(rsgd.quantize_momentum(float(opt.fixed["momentum"]), denom)[1])
+
+
+class _Lanes:
+    """lr, weight decay and momentum numerator per element at a step, without a graph."""
+
+    def __init__(self, opt: SGD, layout: rsgd.Layout, fixed_mu: float, dtype, device,
+                 denom: int):
+        self.opt, self.layout, self.fixed_mu = opt, layout, fixed_mu
+        self.dtype, self.device, self.denom = dtype, device, denom
+
+    def __call__(self, hp: dict):
+        def per_name(k):
+            return [self.opt.value(hp, k, n) if k != "momentum" or "momentum" in hp
+                    else self.fixed_mu for n in self.layout.names]
+        lr = self.layout.lanes(per_name("lr"), self.dtype, self.device)
+        wd = self.layout.lanes(per_name("weight_decay"), self.dtype, self.device)
+        mu = self.layout.lanes(per_name("momentum"), torch.float64, self.device)
+        return lr, wd, mu, torch.round(mu * self.denom).to(torch.int64)
+
+
+def _detached(hp: dict) -> dict:
+    return {k: ({p: x.detach() for p, x in v.items()} if isinstance(v, dict)
+                else v.detach() if isinstance(v, torch.Tensor) else v) for k, v in hp.items()}
+
+
+def _leaves(layout: rsgd.Layout, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {n: x.detach().requires_grad_(True) for n, x in layout.split(flat).items()}
+
+
+def reversible(problem: Problem, steps: int, values: dict | None = None, *,
+               headroom_bits: int = 10, momentum_denom: int = rsgd.MOMENTUM_DENOM
+               ) -> HypergradResult:
+    """dE(θ_T)/dλ by exact reversal of SGD with momentum (Maclaurin et al. 2015, Alg. 2)."""
+    problem.require_replayable("reversible")
+    opt = _check_optimizer(problem)
+    if momentum_denom < 2 or momentum_denom & (momentum_denom - 1) or momentum_denom > 1 << 16:
+        raise HyperparameterError(f"momentum_denom must be a power of two in [2, 2^16], got "
+                                  f"{momentum_denom}")
+    if not 0 <= int(headroom_bits) <= 40:
+        raise HyperparameterError(f"headroom_bits must be in [0, 40], got {headroom_bits}")
+    values = problem.real_hparams() if values is None else values
+    values, mu_used = _quantized_values(values, opt, momentum_denom)
+    fixed_mu = mu_used if isinstance(mu_used, float) else 0.0
+    T = int(steps)
+    dtype, device = problem.dtype, problem.device
+    layout = rsgd.Layout.of(problem.params0)
+    lanes = _Lanes(opt, layout, fixed_mu, dtype, device, momentum_denom)
+    buffers = problem.buffers0
+    with CostMeter(device) as meter:
+        # -- forward: T exact fixed-point steps ---------------------------------------------
+        theta0 = layout.flat(problem.params0).detach()
+        fx = rsgd.FixedPoint.for_weights(layout, theta0, headroom_bits)
+        theta = rsgd.to_fixed(theta0, fx.theta_scale, layout, "initial weights")
+        theta_start = theta.clone()
+        v = torch.zeros_like(theta)
+        expect_bits = max(math.log2(1.0 / max(fixed_mu or 0.5, 1e-9)), 0.0)
+        buffer = RansBuffer(layout.numel, device,
+                            capacity_words=int(layout.numel * T * (expect_bits + 0.1) / 32) + 1024)
+        buffer_start = buffer.snapshot()
+        values_d = {k: (v_.detach() if isinstance(v_, torch.Tensor) else
+                        {p: x.detach() for p, x in v_.items()}) for k, v_ in values.items()}
+        for t in range(T):
+            hp = problem.hp_at(values_d, t, T)
+            lr, wd, mu, n = lanes(hp)
+            theta_f = rsgd.to_float(theta, fx.theta_inv)
+            _, g, _, _ = problem.train_grad(_leaves(layout, theta_f), buffers,
+                                            problem.train_batch(t), hp)
+            direction = rsgd.decayed_gradient(layout.flat(g), theta_f, wd)
+            if t == 0:
+                fx.set_velocity_range(direction, mu, headroom_bits)
+            theta, v = rsgd.step(theta, v, direction, lr, n, fx, buffer, t, momentum_denom)
+            if t % 64 == 0:
+                sample_memory()
+        bits = buffer.bits()
+        sample_memory()
+        # -- the validation gradient at θ_T -------------------------------------------------
+        value, dtheta, _ = problem.val_grad(_leaves(layout, rsgd.to_float(theta, fx.theta_inv)),
+                                            buffers, problem.val_batch(T))
+        dtheta = layout.flat(dtheta)
+        dv = torch.zeros_like(dtheta)
+        lam = {k: x.detach().clone().requires_grad_(True) for k, x in flatten(values).items()}
+        lam_list = list(lam.values())
+        values_g = unflatten(lam, values)
+        grads = [torch.zeros_like(x) for x in lam_list]
+        # -- reverse: un-step and backpropagate, t = T-1 .. 0 -------------------------------
+        for t in range(T - 1, -1, -1):
+            hp_g = problem.hp_at(values_g, t, T)
+            hp = _detached(hp_g)
+            lr, wd, mu, n = lanes(hp)
+            theta = rsgd.unstep_position(theta, v, lr, fx, t)
+            theta_f = rsgd.to_float(theta, fx.theta_inv)
+            params = _leaves(layout, theta_f)
+            _, g, _, _ = problem.train_grad(params, buffers, problem.train_batch(t), hp_g,
+                                            create_graph=True)
+            direction = rsgd.decayed_gradient(layout.flat({k: x.detach() for k, x in g.items()}),
+                                              theta_f, wd)
+            v = rsgd.unstep_velocity(v, direction, n, fx, buffer, t, momentum_denom)
+            vel = _leaves(layout, rsgd.to_float(v, fx.v_inv)) if t > 0 else None
+            outs, douts = [], []
+            dtheta_at, dv_at = layout.split(dtheta), layout.split(dv)
+            for name in layout.names:
+                lr_n, wd_n = opt.value(hp_g, "lr", name), opt.value(hp_g, "weight_decay", name)
+                mu_n = opt.value(hp_g, "momentum", name) if "momentum" in hp_g else fixed_mu
+                new_v = g[name] + wd_n * params[name]
+                if vel is not None:
+                    new_v = new_v + mu_n * vel[name]
+                outs += [params[name] - lr_n * new_v, new_v]
+                douts += [dtheta_at[name], dv_at[name]]
+            wrt = (list(params.values()) + list(vel.values()) if vel is not None else [])
+            got = problem.vjp(outs, wrt + lam_list, douts)
+            if t == T - 1 or t % 64 == 0:
+                sample_memory()
+            if vel is not None:
+                k = len(params)
+                dtheta = torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1)
+                                    for x, p in zip(got[:k], params.values())])
+                dv = torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1)
+                                for x, p in zip(got[k:2 * k], vel.values())])
+            for j, gj in enumerate(got[len(wrt):]):
+                if gj is not None:
+                    grads[j] = grads[j] + gj
+        exact = bool(torch.equal(theta, theta_start) and not bool(v.any())
+                     and buffer.matches(buffer_start))
+        meter.hvps = max(0, T - 1)
+    stats = meter.stats(method="reversible", steps=T, reversal_exact=exact,
+                        buffer_bits=bits, buffer_bits_per_param_step=bits / (layout.numel * T),
+                        buffer_peak_mb=(64 * layout.numel + 32 * buffer.peak_words) / 8 / 2 ** 20,
+                        momentum_used=mu_used, momentum_denom=momentum_denom,
+                        theta_radix=fx.theta_radix, velocity_radix=fx.v_radix)
+    return finish(problem, values, float(value), dict(zip(lam, grads)), stats)

@@ -1,0 +1,220 @@
+"""SGD with momentum in int64 fixed point and its exact inverse step.
+
+Maclaurin, Duvenaud & Adams 2015, "Gradient-based hyperparameter optimization through
+reversible learning", Sec. 2.3 and Algorithms 1-2, in the form of `torch.optim.SGD`:
+
+    v_{t+1} = μ·v_t + (g(θ_t) + wd·θ_t),     θ_{t+1} = θ_t - lr·v_{t+1}
+
+Weights and velocities are integers times 2^-radix (one radix per tensor). Adding the
+gradient term and the lr·v update is exact in integers, and both are recomputed bit for bit
+from exactly recovered state in the reverse pass; only the multiplication by μ = n/d loses
+information, and those bits go to an information buffer (`hypergrad.coder.RansBuffer`):
+the remainder of the division by d is pushed and a digit below n is popped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import HyperparameterError, NonFiniteError
+
+MOMENTUM_DENOM = 1 << 16
+INT_LIMIT = 1 << 62  # every stored integer stays below this, so one addition cannot wrap
+INT_BITS = 62
+
+
+class FixedPointOverflowError(NonFiniteError):
+    """A value left the int64 fixed-point range of its tensor."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Names, shapes and sizes of a dict of tensors laid end to end in one flat vector."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    sizes: tuple[int, ...]
+
+    @classmethod
+    def of(cls, tensors: Mapping[str, torch.Tensor]) -> Layout:
+        """The layout of `tensors` in their dict order."""
+        return cls(tuple(tensors), tuple(t.shape for t in tensors.values()),
+                   tuple(t.numel() for t in tensors.values()))
+
+    @property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+    def flat(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The tensors concatenated in layout order."""
+        return torch.cat([tensors[n].reshape(-1) for n in self.names])
+
+    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of a flat vector, one per name, in the tensors' shapes."""
+        return {n: x.view(s) for n, x, s in zip(self.names, flat.split(self.sizes), self.shapes)}
+
+    def lanes(self, per_name: Sequence, dtype, device) -> torch.Tensor:
+        """Per-tensor values (numbers, 0-d or full tensors) broadcast to one value per element:
+        a 0-d tensor when all tensors share one value."""
+        first = per_name[0]
+        if all(v is first for v in per_name) and (not isinstance(first, torch.Tensor)
+                                                  or first.dim() == 0):
+            return torch.as_tensor(first, dtype=dtype, device=device).detach()
+        return torch.cat([torch.as_tensor(v, dtype=dtype, device=device).detach().expand(s)
+                          .reshape(-1) for v, s in zip(per_name, self.shapes)])
+
+    def which(self, bad: torch.Tensor) -> list[str]:
+        """Names of the tensors with a True element in the flat mask `bad`."""
+        return [n for n, b in zip(self.names, bad.split(self.sizes)) if bool(b.any())]
+
+
+def radix_for(value_range: float, headroom_bits: int) -> int:
+    """Fractional bits for a tensor whose values stay below value_range·2^headroom_bits."""
+    if not math.isfinite(value_range) or value_range <= 0:
+        raise FixedPointOverflowError(f"a fixed-point range must be finite and > 0, got "
+                                      f"{value_range}")
+    return INT_BITS - int(headroom_bits) - math.frexp(value_range)[1]
+
+
+def lane_scales(layout: Layout, radixes: Sequence[int], dtype, device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2^radix, 2^-radix) per element: exact powers of two in `dtype`."""
+    scale = torch.cat([torch.full((k,), math.ldexp(1.0, r), dtype=dtype, device=device)
+                       for k, r in zip(layout.sizes, radixes)])
+    inv = torch.cat([torch.full((k,), math.ldexp(1.0, -r), dtype=dtype, device=device)
+                     for k, r in zip(layout.sizes, radixes)])
+    return scale, inv
+
+
+@dataclass
+class FixedPoint:
+    """Per-element scales of the weights and the velocities (velocities' set at step 0)."""
+
+    layout: Layout
+    theta_radix: list[int]
+    theta_scale: torch.Tensor
+    theta_inv: torch.Tensor
+    v_radix: list[int] | None = None
+    v_scale: torch.Tensor | None = None
+    v_inv: torch.Tensor | None = None
+
+    @classmethod
+    def for_weights(cls, layout: Layout, theta: torch.Tensor, headroom_bits: int,
+                    floor: float = 1.0) -> FixedPoint:
+        """Weights' radix per tensor from its largest magnitude (at least `floor`)."""
+        radixes = [radix_for(max(float(x.abs().max()) if x.numel() else 0.0, floor),
+                             headroom_bits) for x in theta.split(layout.sizes)]
+        _check_range(theta, "initial weights", layout)
+        return cls(layout, radixes, *lane_scales(layout, radixes, theta.dtype, theta.device))
+
+    def set_velocity_range(self, first_direction: torch.Tensor, momentum: torch.Tensor,
+                           headroom_bits: int, floor: float = 2.0 ** -20) -> None:
+        """Velocities' radix per tensor: |g_0 + wd·θ_0| / (1 - μ) bounds a steady velocity."""
+        _check_range(first_direction, "gradient at step 0", self.layout)
+        mu = momentum.expand(first_direction.shape) if momentum.dim() == 0 else momentum
+        radixes = []
+        for d, m in zip(first_direction.split(self.layout.sizes), mu.split(self.layout.sizes)):
+            top = float(d.abs().max()) if d.numel() else 0.0
+            gain = 1.0 / max(1.0 - float(m.max()), 1.0 / MOMENTUM_DENOM) if m.numel() else 1.0
+            radixes.append(radix_for(max(top * gain, floor), headroom_bits))
+        self.v_radix = radixes
+        self.v_scale, self.v_inv = lane_scales(self.layout, radixes, first_direction.dtype,
+                                               first_direction.device)
+
+
+def _check_range(x: torch.Tensor, what: str, layout: Layout, t: int | None = None,
+                 limit: float = 1.0) -> None:
+    bad = ~torch.isfinite(x)
+    when = "" if t is None else f" at step {t}"
+    if bool(bad.any()):
+        raise NonFiniteError(f"{what}{when} is not finite in parameter(s) {layout.which(bad)}")
+    if limit != 1.0:
+        bad = x.abs() >= limit
+        if bool(bad.any()):
+            raise FixedPointOverflowError(
+                f"{what}{when} overflows the int64 fixed-point range in parameter(s) "
+                f"{layout.which(bad)}; raise headroom_bits or lower the learning rate")
+
+
+def to_fixed(x: torch.Tensor, scale: torch.Tensor, layout: Layout, what: str, t: int | None = None
+             ) -> torch.Tensor:
+    """floor(x·2^radix) as int64, after checking that x is finite and in range (a float cast
+    to int64 out of range gives garbage silently)."""
+    y = x * scale
+    # NaN fails the comparison too, so one reduction covers both checks when all is well
+    if not float(y.abs().max()) < INT_LIMIT:
+        _check_range(x, what, layout, t)
+        _check_range(y, what, layout, t, limit=INT_LIMIT)
+    return torch.floor(y).to(torch.int64)
+
+
+def to_float(i: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """The float value i·2^-radix of a fixed-point vector (in inv's dtype)."""
+    return i.to(inv.dtype) * inv
+
+
+def _check_int(i: torch.Tensor, what: str, layout: Layout, t: int) -> torch.Tensor:
+    if not int(i.abs().max()) < INT_LIMIT:
+        raise FixedPointOverflowError(
+            f"{what} at step {t} overflows the int64 fixed-point range in parameter(s) "
+            f"{layout.which(i.abs() >= INT_LIMIT)}; raise headroom_bits or lower the "
+            f"learning rate")
+    return i
+
+
+def quantize_momentum(mu: torch.Tensor | float, denom: int = MOMENTUM_DENOM):
+    """μ rounded to n/denom (the value used forward and reported), as (n, n/denom)."""
+    n = torch.round(torch.as_tensor(mu, dtype=torch.float64) * denom)
+    if bool((n < 1).any()) or bool((n > denom).any()):
+        raise HyperparameterError(
+            f"momentum must lie in [1/{denom}, 1] for reversible learning (n/{denom} with "
+            f"n >= 1), got {torch.as_tensor(mu).flatten()[:4].tolist()}")
+    return n.to(torch.int64), n / denom
+
+
+def mul_momentum(v: torch.Tensor, n, buffer, denom: int = MOMENTUM_DENOM) -> torch.Tensor:
+    """v·n/d in integers: push v mod d, divide by d, multiply by n, add a digit popped below n
+    (Maclaurin et al. 2015, Sec. 2.3)."""
+    buffer.push(torch.remainder(v, denom), denom, check=False)
+    return torch.div(v, denom, rounding_mode="floor") * n + buffer.pop(n, check=False)
+
+
+def div_momentum(v: torch.Tensor, n, buffer, denom: int = MOMENTUM_DENOM) -> torch.Tensor:
+    """The exact inverse of `mul_momentum`: push v mod n back, pop the remainder of d."""
+    buffer.push(torch.remainder(v, n), n, check=False)
+    return torch.div(v, n, rounding_mode="floor") * denom + buffer.pop(denom, check=False)
+
+
+def decayed_gradient(grad: torch.Tensor, theta: torch.Tensor, wd) -> torch.Tensor:
+    """g + wd·θ (coupled weight decay): the same ops in both passes, so bit-identical."""
+    if isinstance(wd, torch.Tensor) and wd.dim() == 0 and float(wd) == 0:
+        return grad
+    return grad + wd * theta
+
+
+def step(theta: torch.Tensor, v: torch.Tensor, direction: torch.Tensor, lr: torch.Tensor,
+         n, fx: FixedPoint, buffer, t: int = 0, denom: int = MOMENTUM_DENOM):
+    """(θ_{t+1}, v_{t+1}) in fixed point from (θ_t, v_t) and direction = g(θ_t) + wd·θ_t."""
+    v = mul_momentum(v, n, buffer, denom) + to_fixed(direction, fx.v_scale, fx.layout,
+                                                     "gradient", t)
+    v = _check_int(v, "velocity", fx.layout, t)
+    update = to_fixed(lr * to_float(v, fx.v_inv), fx.theta_scale, fx.layout, "lr·velocity", t)
+    return _check_int(theta - update, "weights", fx.layout, t), v
+
+
+def unstep_position(theta: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, fx: FixedPoint,
+                    t: int = 0) -> torch.Tensor:
+    """θ_t = θ_{t+1} + lr·v_{t+1}, exactly (the same rounded update the forward step took)."""
+    return theta + to_fixed(lr * to_float(v, fx.v_inv), fx.theta_scale, fx.layout,
+                            "lr·velocity", t)
+
+
+def unstep_velocity(v: torch.Tensor, direction: torch.Tensor, n, fx: FixedPoint, buffer,
+                    t: int = 0, denom: int = MOMENTUM_DENOM) -> torch.Tensor:
+    """v_t = (v_{t+1} - (g(θ_t) + wd·θ_t)) / μ, exactly, with the bits from the buffer."""
+    v = v - to_fixed(direction, fx.v_scale, fx.layout, "gradient", t)
+    return div_momentum(v, n, buffer, denom)
