@@ -1,0 +1,281 @@
+"""Reversible learning: the rANS buffer's round trips, bit-exact fixed-point reversal, and
+hypergradients equal to method="reverse" and to central finite differences (float64)."""
+
+import math
+import random
+
+import pytest
+import torch
+from helpers import bn_convnet, dot, fd_directional, image_data, logreg, mlp, problem
+
+import hyperdescent as hd
+from hyperdescent.errors import HyperparameterError, NonFiniteError
+from hyperdescent.hypergrad.coder import HEAD_LOW, PRECISION, RansBuffer
+from hyperdescent.optim import reversible_sgd as rsgd
+
+LR = hd.Real(0.05, low=1e-4, high=1.0, log=True)
+WD = hd.Real(1e-2, low=1e-6, high=1.0, log=True)
+STEPS = 6
+
+
+# -- the information buffer -------------------------------------------------------------------
+def _random_base(rng, lanes, gen):
+    kind = rng.choice(["int", "tensor", "max", "one", "pow2"])
+    if kind == "int":
+        return rng.randint(1, 1 << 16)
+    if kind == "max":
+        return PRECISION
+    if kind == "one":
+        return 1
+    if kind == "pow2":
+        return 1 << rng.randint(0, 24)
+    return torch.randint(1, 1 << 20, (lanes,), generator=gen)
+
+
+def _digits(rng, base, lanes, gen):
+    if rng.random() < 0.3:  # the range limits: 0 and base - 1
+        edge = base - 1 if rng.random() < 0.5 else base * 0
+        return torch.as_tensor(edge, dtype=torch.int64).expand(lanes).clone()
+    return (torch.rand(lanes, generator=gen, dtype=torch.float64) * base).long()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_coder_round_trip_random_orders(seed):
+    """Any interleaving of pushes and pops, undone in reverse order, restores the message;
+    every pop undone returns the digit pushed."""
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    lanes = rng.randint(1, 40)
+    buf = RansBuffer(lanes, capacity_words=1)  # the tape must grow
+    start = buf.snapshot()
+    ops = []
+    for _ in range(150):
+        base = _random_base(rng, lanes, gen)
+        if rng.random() < 0.5:
+            d = _digits(rng, base, lanes, gen)
+            buf.push(d, base)
+            ops.append(("push", d, base))
+        else:
+            ops.append(("pop", buf.pop(base), base))
+    for kind, d, base in reversed(ops):
+        if kind == "push":
+            assert torch.equal(buf.pop(base), d)
+        else:
+            buf.push(d, base)
+    assert buf.matches(start)
+    assert bool((buf.head >= HEAD_LOW).all())
+
+
+def test_coder_lifo_many_words_and_size():
+    """Pushes then pops in reverse (LIFO) over many words; the size is the information plus
+    the 64-bit heads, and a word's top bit survives the int32 tape."""
+    gen = torch.Generator().manual_seed(0)
+    lanes, base, k = 64, 58983, 400
+    buf = RansBuffer(lanes)
+    digits = [torch.randint(0, base, (lanes,), generator=gen) for _ in range(k)]
+    for d in digits:
+        buf.push(d, base)
+    assert bool((buf.tape[:buf.top] < 0).any())  # words >= 2^31 wrapped into int32
+    info = lanes * k * math.log2(base)
+    assert info <= buf.bits() <= info * 1.001 + 64 * lanes + 32 * lanes
+    for d in reversed(digits):
+        assert torch.equal(buf.pop(base), d)
+    assert buf.top == 0 and bool((buf.head == HEAD_LOW).all())
+
+
+def test_coder_pop_from_empty_borrows_zero_words():
+    """Pops from an empty buffer read zero words from below the bottom; pushing the digits
+    back leaves only zero words there, the same message as the empty buffer."""
+    buf = RansBuffer(5)
+    start = buf.snapshot()
+    got = [buf.pop(1 << 16) for _ in range(7)]
+    for d in reversed(got):
+        buf.push(d, 1 << 16)
+    assert buf.matches(start)
+
+
+def test_coder_refuses_bad_digits_and_bases():
+    buf = RansBuffer(3)
+    with pytest.raises(hd.errors.HyperdescentError, match="digit"):
+        buf.push(torch.tensor([0, 5, 1]), 5)
+    with pytest.raises(hd.errors.HyperdescentError, match="base"):
+        buf.pop(PRECISION + 1)
+    with pytest.raises(hd.errors.HyperdescentError, match="base"):
+        buf.push(torch.zeros(3, dtype=torch.int64), 0)
+
+
+# -- fixed-point SGD and its inverse ------------------------------------------------------------
+def _quadratic_run(steps, mu=0.9, seed=0):
+    """A fixed-point run on a random quadratic: gradient A θ - b with A positive definite."""
+    gen = torch.Generator().manual_seed(seed)
+    m = torch.randn(12, 12, generator=gen, dtype=torch.float64)
+    a, b = m @ m.T / 12 + torch.eye(12, dtype=torch.float64), torch.randn(12, generator=gen,
+                                                                          dtype=torch.float64)
+    theta0 = torch.randn(12, generator=gen, dtype=torch.float64)
+    layout = rsgd.Layout.of({"w": theta0[:8], "b": theta0[8:]})
+    n, _ = rsgd.quantize_momentum(mu)
+    lr = torch.tensor(0.05, dtype=torch.float64)
+    return a, b, theta0, layout, n, lr
+
+
+LONG = 1000  # long enough for float reversal to lose θ_0 entirely
+
+
+def test_fixed_point_sgd_reverses_bit_for_bit():
+    a, b, theta0, layout, n, lr = _quadratic_run(LONG)
+    fx = rsgd.FixedPoint.for_weights(layout, theta0, headroom_bits=8)
+    buf = RansBuffer(12)
+    start = buf.snapshot()
+    theta = rsgd.to_fixed(theta0, fx.theta_scale, layout, "weights")
+    theta_start, v = theta.clone(), torch.zeros(12, dtype=torch.int64)
+    for t in range(LONG):
+        d = a @ rsgd.to_float(theta, fx.theta_inv) - b
+        if t == 0:
+            fx.set_velocity_range(d, n / rsgd.MOMENTUM_DENOM, headroom_bits=8)
+        theta, v = rsgd.step(theta, v, d, lr, n, fx, buf, t)
+    assert buf.top > 0
+    for t in range(LONG - 1, -1, -1):
+        theta = rsgd.unstep_position(theta, v, lr, fx, t)
+        v = rsgd.unstep_velocity(v, a @ rsgd.to_float(theta, fx.theta_inv) - b, n, fx, buf, t)
+    assert torch.equal(theta, theta_start) and not bool(v.any()) and buf.matches(start)
+
+
+def test_naive_float_reversal_does_not_recover_the_start():
+    """The same run in float64, reversed by the same formulas without the buffer: dividing by
+    μ amplifies rounding errors by 1/μ a step, and θ_0 is not recovered."""
+    a, b, theta0, _, _, lr = _quadratic_run(LONG)
+    mu = 0.9
+    theta, v = theta0.clone(), torch.zeros(12, dtype=torch.float64)
+    for _ in range(LONG):
+        v = mu * v + (a @ theta - b)
+        theta = theta - lr * v
+    for _ in range(LONG):
+        theta = theta + lr * v
+        v = (v - (a @ theta - b)) / mu
+    assert not torch.equal(theta, theta0)
+    assert float((theta - theta0).abs().max()) > 1e-2
+
+
+def test_to_fixed_names_the_tensor_on_nan_and_overflow():
+    layout = rsgd.Layout.of({"w": torch.zeros(3), "b": torch.zeros(2)})
+    scale = torch.full((5,), 2.0 ** 40, dtype=torch.float64)
+    with pytest.raises(NonFiniteError, match=r"not finite.*\['b'\]"):
+        rsgd.to_fixed(torch.tensor([0, 0, 0, 0, math.nan], dtype=torch.float64), scale, layout,
+                      "gradient", 3)
+    with pytest.raises(rsgd.FixedPointOverflowError, match=r"overflows.*\['w'\]"):
+        rsgd.to_fixed(torch.tensor([0, 2.0 ** 30, 0, 0, 0], dtype=torch.float64), scale,
+                      layout, "gradient", 3)
+
+
+def test_diverging_run_raises_instead_of_wrapping():
+    space = hd.Space({"lr": hd.Real(50.0, low=1e-4, high=100.0, log=True)})
+    p = problem(mlp(), space, hd.optim.SGD(momentum=0.9))
+    with pytest.raises(NonFiniteError, match="parameter"):
+        hd.hypergrad(p, steps=200, method="reversible", headroom_bits=2)
+
+
+# -- hypergradients ---------------------------------------------------------------------------
+def l2_reg(params, hp):
+    return hp["l2"] * sum((p * p).sum() for p in params.values())
+
+
+CASES = {
+    "global": ({"lr": LR, "weight_decay": WD, "momentum": hd.Real(0.875, low=0.0, high=0.99)},
+               hd.optim.SGD(momentum=0.9), {}),
+    "per-layer": ({"lr": hd.Real(0.05, low=1e-4, high=1.0, log=True, per="layer"),
+                   "momentum": hd.Real(0.75, low=0.0, high=0.99, per="layer"),
+                   "weight_decay": hd.Real(1e-2, low=1e-6, high=1.0, log=True, per="layer")},
+                  hd.optim.SGD(momentum=0.9), {}),
+    "per-parameter-wd": ({"weight_decay": hd.Real(1e-2, low=1e-6, high=1.0, log=True,
+                                                  per="parameter"), "lr": LR},
+                         hd.optim.SGD(momentum=0.5), {}),
+    "piecewise": ({"lr": hd.Real(0.05, low=1e-4, high=1.0, log=True, schedule=hd.Piecewise(3)),
+                   "momentum": hd.Real(0.75, low=0.0, high=0.99, schedule=hd.Piecewise(2))},
+                  hd.optim.SGD(momentum=0.9), {}),
+    "regularizer": ({"l2": hd.Real(1e-2, low=1e-6, high=1.0, log=True), "lr": LR},
+                    hd.optim.SGD(momentum=0.875), {"regularizer": l2_reg}),
+}
+
+
+def _build(name):
+    space, opt, kw = CASES[name]
+    return problem(mlp(), hd.Space(space), opt, **kw)
+
+
+def _close(a, b, rel):
+    for k in b:
+        ga, gb = (a[k], b[k]) if isinstance(b[k], dict) else ({"": a[k]}, {"": b[k]})
+        for q in gb:
+            scale = float(gb[q].abs().max())
+            assert float((ga[q] - gb[q]).abs().max()) <= rel * max(scale, 1e-12), (k, q)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reverse_and_reverses_exactly(name):
+    p = _build(name)
+    a = hd.hypergrad(p, steps=STEPS, method="reversible")
+    b = hd.hypergrad(p, steps=STEPS, method="reverse")
+    assert a.stats["reversal_exact"] is True
+    assert a.value == pytest.approx(b.value, rel=1e-9)
+    _close(a.grad, b.grad, 1e-6)
+    _close(a.raw_grad, b.raw_grad, 1e-6)
+    assert a.stats["peak_memory_mb"] >= 0 and a.stats["buffer_bits_per_param_step"] > 0
+
+
+@pytest.mark.parametrize("name", ["global", "per-layer", "regularizer"])
+def test_matches_central_finite_differences(name):
+    p = _build(name)
+    res = hd.hypergrad(p, steps=STEPS, method="reversible")
+    direction = {k: v for k, v in _direction(p.hparams).items()}
+    assert dot(res.grad, direction) == pytest.approx(fd_directional(p, direction, steps=STEPS),
+                                                     rel=1e-5, abs=1e-9)
+
+
+def _direction(values, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(v):  # momentum moves too: its values are multiples of 1/2^16, FD stays off-grid-free
+        return torch.rand(v.shape, generator=g, dtype=v.dtype) * v.abs().clamp_min(1e-3)
+
+    return {n: ({q: r(x) for q, x in v.items()} if isinstance(v, dict) else r(v))
+            for n, v in values.items()}
+
+
+def test_momentum_is_quantised_used_and_reported():
+    """0.9 is used as 58982/65536: the gradient equals reverse mode at that value."""
+    space = hd.Space({"lr": LR, "momentum": hd.Real(0.9, low=0.0, high=0.99)})
+    p = problem(logreg(), space, hd.optim.SGD(momentum=0.9))
+    res = hd.hypergrad(p, steps=STEPS, method="reversible")
+    q = 58982 / 65536
+    assert res.stats["momentum_used"] == q
+    ref = hd.hypergrad(p, steps=STEPS, method="reverse", hparams={"momentum": q})
+    _close(res.grad, ref.grad, 1e-6)
+    fixed = problem(logreg(), hd.Space({"lr": LR}), hd.optim.SGD(momentum=0.98))
+    assert hd.hypergrad(fixed, steps=2, method="reversible").stats["momentum_used"] == \
+        round(0.98 * 65536) / 65536
+
+
+def test_buffer_bits_approach_log2_one_over_momentum():
+    space = hd.Space({"lr": hd.Real(0.02, low=1e-4, high=1.0, log=True)})
+    p = problem(logreg(), space, hd.optim.SGD(momentum=0.9), batch_size=48)
+    T = 400
+    res = hd.hypergrad(p, steps=T, method="reversible")
+    bound = math.log2(65536 / 58982)
+    assert res.stats["reversal_exact"]
+    assert bound <= res.stats["buffer_bits_per_param_step"] <= 1.1 * bound + 64 / T
+
+
+def test_refuses_other_optimizers_and_buffers():
+    for opt in (hd.optim.Adam(), hd.optim.SGD(momentum=0.0), hd.optim.SGD(momentum=0.9,
+                                                                        nesterov=True)):
+        p = problem(logreg(), hd.Space({"lr": LR}), opt)
+        with pytest.raises(HyperparameterError, match="SGD with momentum"):
+            hd.hypergrad(p, steps=2, method="reversible")
+    x, y = image_data()
+    p = problem(bn_convnet(), hd.Space({"lr": LR}), hd.optim.SGD(momentum=0.9), x=x, y=y,
+                eval_mode=False)
+    with pytest.raises(HyperparameterError, match="buffers"):
+        hd.hypergrad(p, steps=2, method="reversible")
+    p = problem(logreg(), hd.Space({"lr": LR, "momentum": hd.Real(0.5, low=0.0, high=0.99)}),
+                hd.optim.SGD(momentum=0.9))
+    with pytest.raises(HyperparameterError, match="momentum"):
+        hd.hypergrad(p, steps=2, method="reversible", hparams={"momentum": 1e-7})
