@@ -115,6 +115,9 @@ class Problem:
         self._slots = None if self._tied or torch.nn.utils.parametrize.is_parametrized(model) \
             else _tensor_slots(model)
         self.bound = self.space.bind(model)
+        tuned = [n for n in self.bound.real_names() if n in self.optimizer.hyperparameter_names]
+        self.optimizer = self.optimizer.specialized(
+            scalar_hparams=all(self.space[n].per == "global" for n in tuned), tuned=tuned)
         self._natural = self.bound.initial(dtype=self.dtype, device=self.device)
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
         self.train_data = self._batches(train, "train", batch_size, stream=0)

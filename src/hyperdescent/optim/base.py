@@ -68,6 +68,11 @@ class Optimizer:
     def tuned(self, hp_names: Iterable[str] | None, name: str) -> bool:
         return hp_names is not None and name in set(hp_names)
 
+    def specialized(self, scalar_hparams: bool, tuned=()) -> Optimizer:
+        """A copy with fast kernels chosen for a problem whose tuned hyperparameters `tuned`
+        are all one scalar (`scalar_hparams`) or not; optimizers without kernels return self."""
+        return self
+
     def update_and_tangent(self, params: Params, state: State, grads: Params, hp,
                            dparams: Params, dstate: dict, dgrads: Params, dhp):
         """(new params, new state, d new params, d new state tensors): `update` and the

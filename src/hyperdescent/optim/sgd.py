@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .base import (
@@ -34,13 +36,35 @@ class SGD(Optimizer):
             state["momentum_buffer"] = {n: p.detach().new_zeros(p.shape) for n, p in params.items()}
         return state
 
+    # fast kernels, chosen once by `specialized` (as torchopt's aliases pick a transform at
+    # construction); None leaves the reference update and tangent rule below
+    _graph_kernel = None
+    _plain_kernel = None
+    _tangent_kernel = None
+
+    def specialized(self, scalar_hparams: bool, tuned=()) -> SGD:
+        """A copy with its fast kernels chosen once from what is fixed when a problem is
+        built: whether every tuned hyperparameter is one scalar (global) and which are tuned.
+        The kernels are bit-identical to the reference (tests pin them)."""
+        out = copy.copy(self)
+        nesterov, damp, mu = (self.fixed[k] for k in ("nesterov", "dampening", "momentum"))
+        tuned = set(tuned)
+        if scalar_hparams:
+            out._graph_kernel = type(self)._flat_update
+            if not nesterov and is_zero(damp) and "dampening" not in tuned:
+                out._plain_kernel = type(self)._foreach_update
+        if not nesterov and is_zero(damp) and isinstance(mu, (int, float)) and mu != 0 \
+                and not tuned & {"momentum", "dampening"}:
+            out._tangent_kernel = type(self)._heavy_ball_tangent
+        return out
+
     def update(self, params: Params, state: State, grads: Params, hp=None) -> tuple[Params, State]:
         """One step: d = g + wd*p; buf = mu*buf + (1-damp)*d (buf = d at step 0); p -= lr*d'."""
-        fast = self._flat_update(params, state, grads, hp)
-        if fast is None:
-            fast = self._foreach_update(params, state, grads, hp)
-        if fast is not None:
-            return fast
+        kernel = self._graph_kernel if torch.is_grad_enabled() else self._plain_kernel
+        if kernel is not None:
+            fast = kernel(self, params, state, grads, hp)
+            if fast is not None:
+                return fast
         use_momentum = "momentum_buffer" in state
         new_params, new_buf = {}, {}
         for n, p in params.items():
@@ -111,9 +135,6 @@ class SGD(Optimizer):
             new_state["momentum_buffer"] = FlatViews(new_flat_buf, params)
         return FlatViews(new_flat, params), new_state
 
-    #: run `_foreach_update` where it applies (tests switch it off to compare)
-    foreach_update = True
-
     def _foreach_update(self, params: Params, state: State, grads: Params, hp):
         """`update` without a graph when every hyperparameter is one scalar and there is no
         dampening or Nesterov: each op once over all parameters (`torch._foreach_*`), the same
@@ -121,7 +142,7 @@ class SGD(Optimizer):
         multi-tensor kernels may round differently), without its Python dispatch per
         parameter (checkpointing's first pass, truncated's and implicit's inner steps).
         Returns None where it does not apply."""
-        if torch.is_grad_enabled() or not self.foreach_update:
+        if torch.is_grad_enabled():
             return None
         scalars = self._scalar_hparams(hp)
         if scalars is None:
@@ -150,9 +171,9 @@ class SGD(Optimizer):
         return self._tangent(params, state, grads, hp, dparams, dstate, dgrads, dhp, True)
 
     def _tangent(self, params, state, grads, hp, dparams, dstate, dgrads, dhp, primal: bool):
-        if self.heavy_ball_fast_path and self._is_heavy_ball(state, hp, dhp):
-            return self._heavy_ball_tangent(params, state, grads, hp, dparams, dstate, dgrads,
-                                            dhp, primal)
+        if self._tangent_kernel is not None and self._is_heavy_ball(state, hp, dhp):
+            return self._tangent_kernel(self, params, state, grads, hp, dparams, dstate, dgrads,
+                                        dhp, primal)
         use_momentum = "momentum_buffer" in state
         out_p, out_b, new_p, new_b = {}, {}, {}, {}
         for n, p in params.items():
@@ -176,9 +197,6 @@ class SGD(Optimizer):
             new_state["momentum_buffer"] = new_b
         return (new_p if primal else {}), new_state, out_p, \
             ({"momentum_buffer": out_b} if use_momentum else {})
-
-    #: the common case of `_tangent` without its per-term generality (OHO's flagship path)
-    heavy_ball_fast_path = True
 
     def _is_heavy_ball(self, state: State, hp, dhp) -> bool:
         """Momentum after step 0, no Nesterov or dampening, momentum not tuned, and lr and
