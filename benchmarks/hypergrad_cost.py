@@ -66,6 +66,7 @@ __all__ = ["main", "_torch", "load_digits_split", "make_model", "make_problem",
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: run the benchmark (or one worker job) and write the report."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--T", type=int, nargs="+", default=None, help="horizons (default 10 100 1000)")
     ap.add_argument("--quick", action="store_true", help="T=10 only, one repetition")

@@ -23,6 +23,7 @@ MEMORY_LIMIT_MB = 8000.0
 
 
 def spawn(payload: dict, timeout: float) -> dict:
+    """One worker (impl, method, T) in a fresh one-thread process; its record or an error."""
     env = {**os.environ, **THREAD_ENV}
     cmd = [sys.executable, str(ENTRY), "--worker", json.dumps(payload)]
     try:
@@ -51,6 +52,7 @@ def _spawn_check(T: int, timeout: float) -> dict:
 
 
 def notes_for(impl: str, method: str, T: int) -> str:
+    """What a record measures, in a few words for the report."""
     if impl == "hyperdescent":
         return {"reverse": "",
                 "reverse_ckpt": f"checkpoint_every={max(1, round(math.sqrt(T)))}",
@@ -70,6 +72,7 @@ def notes_for(impl: str, method: str, T: int) -> str:
 
 def run_all(Ts: list[int], reps_small: int, quick: bool, timeout: float,
             impls: list[str]) -> dict:
+    """Every (impl, method, T) in its own worker, smallest T first, with memory skips."""
     versions = peer_status()
     jobs = [("hyperdescent", m) for m in HD_METHODS]
     for peer, methods in PEER_METHODS.items():

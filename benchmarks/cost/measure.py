@@ -49,6 +49,7 @@ def run_hyperdescent(problem, method: str, T: int) -> tuple[dict, dict]:
 
 
 def run_impl(problem, impl: str, method: str, T: int) -> tuple[dict, dict]:
+    """The hypergradient of one (impl, method) at horizon T: (grads, extras)."""
     if impl == "hyperdescent":
         return run_hyperdescent(problem, method, T)
     if (impl, method) == ("torchopt", "reverse"):
@@ -61,11 +62,13 @@ def run_impl(problem, impl: str, method: str, T: int) -> tuple[dict, dict]:
 
 
 def rss_mb() -> float:
+    """Resident set size of this process now, MB."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
 def maxrss_mb() -> float:
+    """Peak resident set size of this process so far, MB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 

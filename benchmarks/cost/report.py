@@ -20,6 +20,7 @@ def _cell(r: dict | None, kind: str = "wall") -> str:
 
 
 def table_rows(result: dict, kind: str = "wall") -> tuple[list[int], list[list[str]]]:
+    """The (impl, method) rows of the ratio / peak table over every T, or CPU ratios."""
     recs = result["records"]
     Ts = sorted({r["T"] for r in recs})
     rows = []
@@ -33,6 +34,7 @@ def table_rows(result: dict, kind: str = "wall") -> tuple[list[int], list[list[s
 
 
 def print_table(result: dict) -> None:
+    """The ratio / peak table on the console, and the plain step per T."""
     Ts, rows = table_rows(result)
     headers = ["impl", "method", *(f"T={T}: ratio / peak" for T in Ts)]
     try:
@@ -68,6 +70,7 @@ def skip_line(result: dict) -> str:
 
 
 def markdown(result: dict, command: str) -> str:
+    """The whole report as Markdown: tables, records, head-to-head, profile, correctness."""
     Ts, rows = table_rows(result)
     out = ["# Hypergradient cost: hyperdescent vs torchopt vs higher", "",
            f"Command: `{command}`", "",
@@ -170,12 +173,14 @@ def head_to_head_lines(rows: list[dict]) -> list[str]:
 
 
 def print_head_to_head(rows: list[dict]) -> None:
+    """The head-to-head table on the console."""
     print("head-to-head in one process (medians, implementations in turn):")
     for line in head_to_head_lines(rows):
         print("  " + line)
 
 
 def print_profile(p: dict) -> None:
+    """The profile's top functions on the console."""
     if "error" in p:
         print("profile failed:", p["error"])
         return
@@ -191,6 +196,7 @@ def print_profile(p: dict) -> None:
 
 
 def print_check(c: dict) -> None:
+    """The correctness check on the console."""
     if "error" in c:
         print("correctness check failed:", c["error"])
         return

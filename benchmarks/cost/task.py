@@ -71,6 +71,7 @@ class Clock:
         self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
 
     def read(self) -> tuple[float, float]:
+        """Seconds (wall, cpu) since creation."""
         return time.perf_counter() - self.wall0, time.process_time() - self.cpu0
 
 
@@ -89,6 +90,7 @@ class PlainSGD:
                                    weight_decay=WD)
 
     def steps(self, n: int) -> None:
+        """Run n plain steps on the next batches."""
         import torch.nn.functional as F
 
         for _ in range(n):
