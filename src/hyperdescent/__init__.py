@@ -11,10 +11,10 @@ from .errors import (
 from .hypergrad import HypergradResult, hypergrad
 from .problem import InnerState, Problem
 from .space import Categorical, Int, Piecewise, Real, Space
-from .tuners import OnlineTuner, Schedule
+from .tuners import OfflineTuner, OnlineTuner, Schedule
 
 __version__ = "0.1.0"
 
-__all__ = ["Space", "Real", "Int", "Categorical", "Piecewise", "Problem", "OnlineTuner", "Schedule", "InnerState",
+__all__ = ["Space", "Real", "Int", "Categorical", "Piecewise", "Problem", "OnlineTuner", "OfflineTuner", "Schedule", "InnerState",
            "optim", "stn", "tasks", "blackbox", "experiment", "report", "ConfigError", "hypergrad", "HypergradResult", "HyperdescentError", "HyperparameterError",
            "DataError", "NonFiniteError"]

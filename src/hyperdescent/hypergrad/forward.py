@@ -1,4 +1,5 @@
-"""Forward mode / real-time recurrent learning (Franceschi et al. 2017, Eq. 14; seed 000).
+"""Forward mode / real-time recurrent learning (Franceschi et al. 2017, "Forward and
+reverse gradient-based hyperparameter optimization", Eq. 14).
 
 The tangent Z_t = ds_t/dλ of the whole inner state (weights and optimizer tensors) is carried
 one column per scalar hyperparameter: Z_{t+1} = ∂Φ/∂s · Z_t + ∂Φ/∂λ. The model part of ∂Φ/∂s
@@ -86,7 +87,8 @@ class ForwardTangent:
     """
 
     def __init__(self, problem: Problem, horizon: int, tangent="exact",
-                 compile: bool | dict = False):
+                 compile: bool | dict = False, clamp_grad: float | None = None,
+                 clamp_hz: float | None = None):
         grouping = GROUPINGS.get(tangent) if isinstance(tangent, str) else tangent
         if not callable(grouping):
             raise HyperparameterError(
@@ -108,10 +110,19 @@ class ForwardTangent:
                     members.append(Column(key, None if hp.schedule is None else k, e,
                                           k * per_block + e, pname or None, hp.per))
         self.columns = grouping(members)
+        # Micaelli & Storkey 2021's stabilisers (off by default): the training gradient clamped
+        # to ±clamp_grad (the tangent differentiates the clamp, so it stays exact for the
+        # clamped dynamics) and H·Z clamped to ±clamp_hz (an approximation of the tangent)
+        for name, c in (("clamp_grad", clamp_grad), ("clamp_hz", clamp_hz)):
+            if c is not None and not (isinstance(c, (int, float)) and c > 0):
+                raise HyperparameterError(f"{name} must be a number > 0 or None, got {c!r}")
+        if compile and (clamp_grad is not None or clamp_hz is not None):
+            raise HyperparameterError("clamp_grad / clamp_hz are not supported with compile=True")
+        self.clamp_grad, self.clamp_hz = clamp_grad, clamp_hz
         self.hvps = 0  # Hessian-vector products this engine has computed (a count, for stats)
         self._directions: dict[tuple, tuple] = {}
-        # optimizers' hand-written JVP rules are exact and ~40x cheaper than torch.func.jvp
-        # of the elementwise update on CPU; tests check them against the jvp fallback.
+        # optimizers' hand-written JVP rules are exact and much cheaper than torch.func.jvp
+        # of the elementwise update; tests check them against the jvp fallback.
         self.use_tangent_rule = True
         # compile=True (or torch.compile options): once every column is live, each step is
         # one compiled pure function (forward_fused.py); the first steps stay eager
@@ -185,6 +196,11 @@ class ForwardTangent:
         primal_p = {n: p.detach() for n, p in params.items()}
         primal_o = tensor_state(state.opt)
         primal_g = {n: x.detach() for n, x in g.items()}
+        if self.clamp_grad is not None:
+            c = self.clamp_grad
+            # d clamp(g)/dθ·Z = mask ⊙ (H·Z): the rows below are masked once computed
+            keep = {n: (x.abs() <= c).to(x.dtype) for n, x in primal_g.items()}
+            primal_g = {n: x.clamp(-c, c) for n, x in primal_g.items()}
         primal_h = {k: v.detach() for k, v in hp_cur.items()}
         hp_struct = unflatten(primal_h, self.like)
 
@@ -210,6 +226,8 @@ class ForwardTangent:
         if Z is not None and idx is not None:
             Z = {k: {n: z.index_select(0, idx) for n, z in d.items()} for k, d in Z.items()}
         dg = self._dgrad(params, g, g_hp, keys, rows, Z, direct, len(active))
+        if self.clamp_grad is not None:
+            dg = {n: d * keep[n] for n, d in dg.items()}
         if Z is None:
             Z = {"params": {n: p.new_zeros((len(active), *p.shape)) for n, p in primal_p.items()},
                  **{k: {n: x.new_zeros((len(active), *x.shape)) for n, x in d.items()}
@@ -271,11 +289,26 @@ class ForwardTangent:
                 continue
             if Z is not None:
                 self.hvps += 1
+            if self.clamp_hz is not None and outputs:
+                out_rows.append(self._clamped_row(outputs, grad_outputs, outs, params))
+                continue
             out_rows.append(list(self.problem.vjp(outs, list(params.values()), grad_outputs,
                                                   retain_graph=True)))
         return {n: torch.stack([p.new_zeros(p.shape) if r[i] is None else r[i].detach()
                                 for r in out_rows])
                 for i, (n, p) in enumerate(params.items())}
+
+    def _clamped_row(self, outputs, grad_outputs, outs, params):
+        """One row of `_dgrad` with its H·Z part clamped to ±clamp_hz before the mixed
+        ∂²L/∂θ∂λ part is added (Micaelli & Storkey 2021)."""
+        plist = list(params.values())
+        hz = self.problem.vjp(outputs, plist, grad_outputs[:len(outputs)], retain_graph=True)
+        row = [None if h is None else h.clamp(-self.clamp_hz, self.clamp_hz) for h in hz]
+        if len(outs) > len(outputs):
+            mixed = self.problem.vjp(outs[len(outputs):], plist, grad_outputs[len(outputs):],
+                                     retain_graph=True)
+            row = [m if r is None else r if m is None else r + m for r, m in zip(row, mixed)]
+        return row
 
     def _jvp_fallback(self, opt_state, primal_p, primal_o, primal_g, primal_h, tp, to, dg, rows):
         """`torch.func.jvp` of the optimizer's update, one column at a time (optimizers
@@ -336,16 +369,19 @@ class ForwardTangent:
 
 
 def forward(problem: Problem, steps: int, values: dict, *, tangent="exact",
-            compile: bool | dict = False) -> HypergradResult:
+            compile: bool | dict = False, clamp_grad: float | None = None,
+            clamp_hz: float | None = None) -> HypergradResult:
     """Forward-mode hypergradient after `steps` inner steps (memory constant in T).
 
     tangent="summed" is OHO's approximation (one tangent per hyperparameter name, read back
     per layer); it is exact only when the Hessian has no cross-layer blocks. compile=True
     (or a dict of `torch.compile` options) runs each step as one compiled function; the
-    compilation itself (tens of seconds on CPU) is in `stats["wall_time_s"]`.
+    compilation itself (tens of seconds on CPU) is in `stats["wall_time_s"]`. clamp_grad /
+    clamp_hz bound the training gradient and H·Z elementwise (Micaelli & Storkey 2021).
     """
     with CostMeter(problem.device) as meter:
-        engine = ForwardTangent(problem, steps, tangent, compile=compile)
+        engine = ForwardTangent(problem, steps, tangent, compile=compile, clamp_grad=clamp_grad,
+                                clamp_hz=clamp_hz)
         value, grads = run(engine, problem, steps, values, meter)
         meter.hvps = engine.hvps
     return finish(problem, values, value, grads,

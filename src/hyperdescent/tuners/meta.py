@@ -1,8 +1,9 @@
 """The meta-optimizer every tuner shares: steps raw (unconstrained) hyperparameter coordinates.
 
 A tuner hands it hypergradients with respect to raw coordinates; it clips their joint norm,
-takes an Adam (Kingma & Ba 2015), SGD or sign step (signSGD, Bernstein et al. 2018) and
-projects the result back inside the bounds. It steps any dict of tensors, so an STN's
+takes an Adam (Kingma & Ba 2015), SGD or sign step (signSGD, Bernstein et al. 2018), or the
+"fds" step of Micaelli & Storkey 2021 (sign times a per-element step size halved on sign flips),
+and projects the result back inside the bounds. It steps any dict of tensors, so an STN's
 perturbation scales fit beside the hyperparameters themselves.
 """
 
@@ -15,18 +16,27 @@ import torch
 
 from ..errors import HyperparameterError
 
-KINDS = ("adam", "sgd", "sign")
+KINDS = ("adam", "sgd", "sign", "fds")
 
 Leaves = dict[str, torch.Tensor]
 
 
 class MetaOptimizer:
-    """Gradient steps on raw coordinates: norm clipping, then adam/sgd/sign, then projection."""
+    """Gradient steps on raw coordinates: norm clipping, then adam/sgd/sign/fds, then projection
+    (kind "fds" takes its coordinates as given: the offline tuner hands it natural values)."""
 
-    def __init__(self, raw: Mapping[str, torch.Tensor], kind: str = "adam", lr: float = 0.03,
-                 clip: float | None = None, project: Callable[[Leaves], Leaves] | None = None):
+    def __init__(self, raw: Mapping[str, torch.Tensor], kind: str = "adam",
+                 lr: float | Mapping[str, float] = 0.03, clip: float | None = None,
+                 project: Callable[[Leaves], Leaves] | None = None, step_decay: float = 0.5):
         if kind not in KINDS:
             raise HyperparameterError(f"meta_optimizer={kind!r} is not one of {KINDS}")
+        if kind == "fds":  # lr: the initial step sizes, one float or one per leaf
+            sizes = {k: float(lr[k]) if isinstance(lr, Mapping) else float(lr) for k in raw}
+            for v in sizes.values():
+                check_meta_lr(v)
+            self._sign_rule = HalvingSign({k: torch.full_like(v, sizes[k]) for k, v in raw.items()},
+                                          step_decay)
+            lr = 1.0  # the step sizes live in the rule; set_lr scales them
         check_meta_lr(lr)
         if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
             raise HyperparameterError(f"clip must be a positive number or None, got {clip!r}")
@@ -34,7 +44,9 @@ class MetaOptimizer:
         self.kind, self.lr, self.clip, self.project = kind, float(lr), clip, project
         self._opt = self._make(self.lr)
 
-    def _make(self, lr: float) -> torch.optim.Optimizer:
+    def _make(self, lr: float) -> torch.optim.Optimizer | None:
+        if self.kind == "fds":
+            return None
         params = list(self.raw.values())
         if self.kind == "adam":
             # the fused kernel skips most of torch.optim's per-step Python, which dominates
@@ -56,10 +68,13 @@ class MetaOptimizer:
         if not math.isfinite(norm):
             return {"hypergrad_norm": norm, "skipped": True}
         scale = self.clip / norm if self.clip is not None and norm > self.clip else 1.0
-        for k, p in self.raw.items():
-            g = raw_grads[k] * scale
-            p.grad = torch.sign(g) if self.kind == "sign" else g.clone()
-        self._opt.step()
+        if self.kind == "fds":
+            self.assign(self._sign_rule.step(self.values(), raw_grads))
+        else:
+            for k, p in self.raw.items():
+                g = raw_grads[k] * scale
+                p.grad = torch.sign(g) if self.kind == "sign" else g.clone()
+            self._opt.step()
         if self.project is not None:
             with torch.no_grad():
                 projected = self.project(self.values())
@@ -76,22 +91,71 @@ class MetaOptimizer:
     def set_lr(self, lr: float) -> None:
         """Change the meta learning rate, keeping the optimizer's moments."""
         check_meta_lr(lr)
+        if self.kind == "fds":
+            self._sign_rule.scale(lr / self.lr if self.lr > 0 else 0.0)
         self.lr = float(lr)
-        for group in self._opt.param_groups:
+        for group in [] if self._opt is None else self._opt.param_groups:
             group["lr"] = self.lr
 
     def state_dict(self) -> dict:
         """Raw coordinates, learning rate and the inner optimizer's moments (tensors and
         plain values only)."""
+        opt = self._sign_rule.state_dict() if self.kind == "fds" else self._opt.state_dict()
         return {"raw": {k: v.detach().clone() for k, v in self.raw.items()}, "lr": self.lr,
-                "opt": _clone(self._opt.state_dict())}
+                "opt": _clone(opt)}
 
     def load_state_dict(self, sd: Mapping) -> None:
         """Restore `state_dict`."""
         self.assign(sd["raw"])
         self.lr = float(sd["lr"])
         self._opt = self._make(self.lr)
-        self._opt.load_state_dict(_clone(sd["opt"]))
+        if self.kind == "fds":
+            self._sign_rule.load_state_dict(_clone(sd["opt"]))
+        else:
+            self._opt.load_state_dict(_clone(sd["opt"]))
+
+    @property
+    def step_sizes(self) -> Leaves:
+        """The current per-element step sizes of kind "fds"."""
+        return {k: v.clone() for k, v in self._sign_rule.step_sizes.items()}
+
+
+class HalvingSign:
+    """Micaelli & Storkey 2021 outer step: x ← x − s·sign(g), with each element of s halved
+    (times `decay`) where sign(g) is opposite to the previous step's sign."""
+
+    def __init__(self, step_sizes: Mapping[str, torch.Tensor], decay: float = 0.5):
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1:
+            raise HyperparameterError(f"step_decay must be a number in (0, 1), got {decay!r}")
+        self.step_sizes = {k: v.detach().clone() for k, v in step_sizes.items()}
+        self.signs = {k: torch.zeros_like(v) for k, v in self.step_sizes.items()}
+        self.decay = float(decay)
+
+    def step(self, values: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor]
+             ) -> Leaves:
+        """The next values (before projection)."""
+        out = {}
+        for k, v in values.items():
+            s = torch.sign(grads[k])
+            flipped = (self.signs[k] * s) < 0
+            self.step_sizes[k] = torch.where(flipped, self.step_sizes[k] * self.decay,
+                                             self.step_sizes[k])
+            self.signs[k] = s
+            out[k] = v - s * self.step_sizes[k]
+        return out
+
+    def scale(self, factor: float) -> None:
+        """Multiply every step size by `factor`."""
+        self.step_sizes = {k: v * factor for k, v in self.step_sizes.items()}
+
+    def state_dict(self) -> dict:
+        return {"step_sizes": dict(self.step_sizes), "signs": dict(self.signs),
+                "decay": self.decay}
+
+    def load_state_dict(self, sd: Mapping) -> None:
+        self.step_sizes = {k: v.detach().clone() for k, v in sd["step_sizes"].items()}
+        self.signs = {k: v.detach().clone() for k, v in sd["signs"].items()}
+        self.decay = float(sd["decay"])
 
 
 def check_meta_lr(lr) -> None:
