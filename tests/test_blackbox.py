@@ -301,6 +301,22 @@ def test_trial_trains_on_the_batches_of_a_gradient_run():
                                             batch_size=30, seed=4).train_batch(0)[0])
 
 
+def test_trial_equals_a_gradient_run_with_the_same_seed():
+    # torch.optim in the trial, hd.optim in the problem: the same batches, so the same run
+    import hyperdescent as hd
+
+    task = tiny_task(steps=25, batch_size=30).to(dtype=torch.float64)
+    trial = task_objective(task, seed=2)({"lr": 0.2, "dampening": 0.5})
+    problem = hd.Problem(task.make_model(2).double(), loss=task.loss,
+                         optimizer=hd.optim.SGD(momentum=task.momentum, dampening=0.5),
+                         space=Space({"lr": Real(0.2, low=1e-3, high=1.0, log=True)}),
+                         train=task.train, val=task.val, batch_size=30, val_batch_size=100,
+                         seed=2)
+    assert hd.hypergrad(problem, steps=25, method="reverse").value == pytest.approx(
+        trial, rel=1e-10)
+    assert task_objective(task, seed=2)({"lr": 0.2}) != pytest.approx(trial, rel=1e-6)
+
+
 def test_trial_and_problem_share_one_accuracy_rule():
     from hyperdescent import Problem
     from hyperdescent.blackbox import evaluate

@@ -102,6 +102,24 @@ def test_bad_space_override_is_a_config_error(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_hyperparameter_names_come_from_the_optimizers():
+    # configs, runners, the black-box objective and Schedule read one list, off the classes
+    from hyperdescent.blackbox import KNOWN_HPARAMS
+    from hyperdescent.experiment.config import HPARAM_NAMES
+    from hyperdescent.experiment.runners import build_space
+
+    sgd, adam = hd.optim.SGD().hyperparameter_names, hd.optim.Adam().hyperparameter_names
+    assert set(HPARAM_NAMES) == set(sgd) | set(adam) and set(HPARAM_NAMES) < set(KNOWN_HPARAMS)
+    task = hd.tasks.get(BASE["task"])
+    space = {"dampening": {"init": 0.1, "low": 0.0, "high": 0.5}}
+    cfg = cfg_with(space=space)
+    assert "dampening" in build_space(task, cfg, cfg.methods[0])
+    assert task.optimizer == "sgd"  # which takes no beta1
+    cfg = cfg_with(space={"beta1": {"init": 0.9, "low": 0.5, "high": 0.99}})
+    with pytest.raises(ConfigError, match="'space.beta1'.*'sgd'"):
+        build_space(task, cfg, cfg.methods[0])
+
+
 def test_examples_validate():
     root = os.path.join(os.path.dirname(__file__), "..", "examples")
     names = set(hd.tasks.names())
