@@ -105,6 +105,15 @@ def test_dropout_rate_per_example_and_replayable():
     assert stn.dropout(x, None) is x
 
 
+def test_from_sequential_seed_fixes_the_new_weights():
+    space = hd.Space({"dropout": hd.Real(0.1, low=0, high=0.9)})
+    seq = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.1), nn.Linear(4, 2)).double()
+    a = stn.from_sequential(seq, space, centred=False, seed=5).state_dict()
+    torch.manual_seed(123)
+    b = stn.from_sequential(seq, space, centred=False, seed=5).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_from_sequential_refuses_mismatched_dropout_names():
     seq = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.1))
     with pytest.raises(HyperparameterError, match="nn.Dropout"):

@@ -310,8 +310,8 @@ class STNSequential(nn.Module):
 
 
 def from_sequential(seq: nn.Sequential, space: Mapping | Sequence[str],
-                    dropout: Sequence[str] | None = None, centred: bool = True
-                    ) -> STNSequential:
+                    dropout: Sequence[str] | None = None, centred: bool = True,
+                    seed: int | None = None) -> STNSequential:
     """The STN counterpart of an nn.Sequential of Linear/Conv2d/Dropout (MacKay et al. 2019, §4).
 
     Linear and Conv2d become HyperLinear/HyperConv2d whose elementary weights copy the originals
@@ -319,8 +319,13 @@ def from_sequential(seq: nn.Sequential, space: Mapping | Sequence[str],
     a HyperDropout reading the hyperparameter named by `dropout` (in order; by default the space's
     names containing "dropout", in the space's order); other modules are kept as they are.
     `centred=True` is Δ-STN's parameterisation (Bae & Grosse 2020): corrections start at zero and
-    the trainer feeds them λ̃ - stopgrad(λ).
+    the trainer feeds them λ̃ - stopgrad(λ). `seed` draws the new weights from a private RNG
+    (None: from torch's global RNG, as torch's own layers do).
     """
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            return from_sequential(seq, space, dropout, centred, None)
     if not isinstance(seq, nn.Sequential):
         raise HyperparameterError(f"from_sequential needs an nn.Sequential, got "
                                   f"{type(seq).__name__}")
