@@ -54,6 +54,25 @@ class Tangent:
         return self.members[0].leaf
 
 
+def leaves_device(leaves: dict[str, torch.Tensor]) -> torch.device:
+    """The device hyperparameter leaves live on (the model's)."""
+    return next(iter(leaves.values())).device
+
+
+def per_param_rows(rows: dict[str, torch.Tensor], params: dict[str, torch.Tensor]
+                   ) -> dict[str, dict[str, torch.Tensor]]:
+    """Stacked hyperparameter directions per leaf, (columns, *leaf), as the optimizer's tangent
+    rule takes them: by hyperparameter name, then parameter, broadcastable against it."""
+    per_param: dict[str, dict[str, torch.Tensor]] = {}
+    for key, r in rows.items():
+        name, _, pname = key.partition("/")
+        targets = [pname] if pname else list(params)
+        for n in targets:
+            shaped = r if r.dim() > 1 else r.reshape(-1, *([1] * params[n].dim()))
+            per_param.setdefault(name, {})[n] = shaped
+    return per_param
+
+
 def exact_grouping(members: list[Column]) -> list[Tangent]:
     """One carried column per scalar hyperparameter: the exact tangent."""
     return [Tangent((m,)) for m in members]
@@ -168,14 +187,7 @@ class ForwardTangent:
                 if d:
                     for m in self.columns[j].members:
                         rows[m.leaf][a].view(-1)[m.elem] = 1.0
-            per_param: dict[str, dict[str, torch.Tensor]] = {}
-            for key, r in rows.items():
-                name, _, pname = key.partition("/")
-                targets = [pname] if pname else list(params)
-                for n in targets:
-                    shaped = r if r.dim() > 1 else r.reshape(-1, *([1] * params[n].dim()))
-                    per_param.setdefault(name, {})[n] = shaped
-            self._directions[sig] = (rows, per_param)
+            self._directions[sig] = (rows, per_param_rows(rows, params))
         return self._directions[sig]
 
     def step(self, carry: dict, state: InnerState, batch, leaves: dict[str, torch.Tensor],
@@ -186,7 +198,44 @@ class ForwardTangent:
         Z = carry["Z"] or None
         if self._fused is not None and Z is not None and all(started):
             return self._fused_step(Z, started, state, batch, leaves, t)
+        direct_all = self._direct(t)
+        # columns of blocks that have not started (or finished before a reset) stay zero
+        active = tuple(j for j, c in enumerate(self.columns) if started[j] or direct_all[j])
+        direct = tuple(direct_all[j] for j in active)
+        full = len(active) == len(self.columns)
+        idx = None if full or not active else torch.tensor(active, device=leaves_device(leaves))
+        Z_active = Z
+        if Z is not None and idx is not None:
+            Z_active = {k: {n: z.index_select(0, idx) for n, z in d.items()} for k, d in Z.items()}
+        new, new_Z, loss = self.tangent_step(
+            state, batch, leaves, t, Z_active, direct,
+            lambda hp, params: self._direction(active, direct, hp, params))
+        if not active:
+            return new, carry, loss
+        if not full:
+            # the carry is never written in place: a snapshot of it stays what it was
+            merged = {k: {n: z.new_zeros((len(self.columns), *z.shape[1:]))
+                          for n, z in d.items()} for k, d in new_Z.items()} if Z is None \
+                else {k: {n: z.clone() for n, z in d.items()} for k, d in Z.items()}
+            for k, d in new_Z.items():
+                for n, z in d.items():
+                    merged[k][n].index_copy_(0, idx, z)
+            new_Z = merged
+        now_started = carry["started"].clone()
+        now_started[list(active)] = True
+        return new, {"Z": new_Z, "started": now_started}, loss
+
+    def tangent_step(self, state: InnerState, batch, leaves: dict[str, torch.Tensor], t: int,
+                     Z, direct: tuple[bool, ...], directions, hz=None):
+        """One inner step and the stacked tangent columns `Z` (None: zero) advanced along it:
+        Z' = ∂Φ/∂s·Z + ∂Φ/∂λ·d for each column's hyperparameter direction d, which
+        `directions(hp, params)` gives as (rows per leaf, rows per parameter); `direct[a]` says
+        whether column a has one at this step, `hz[a]` False that its Z is zero (None: any may
+        be nonzero). No columns (`direct == ()`): a plain step.
+        Returns (s_{t+1}, Z', training loss)."""
         problem, opt = self.problem, self.problem.optimizer
+        if batch is None:
+            batch = problem.train_batch(t)
         hp_cur = {k: v.clone().requires_grad_(True) for k, v in self.current(leaves, t).items()}
         params = {n: p.detach().requires_grad_(True) for n, p in state.params.items()}
         loss, g, buffers, g_hp = problem.train_grad(
@@ -209,28 +258,20 @@ class ForwardTangent:
                                           tensor_state(new_state))
             return InnerState(new_params, opt_state, buffers, state.t + 1)
 
-        direct_all = self._direct(t)
-        # columns of blocks that have not started (or finished before a reset) stay zero
-        active = tuple(j for j, c in enumerate(self.columns) if started[j] or direct_all[j])
+        n = len(direct)
         rule = self.use_tangent_rule and getattr(opt, "tangent", None) is not None
-        if not active or not rule:
+        if not n or not rule:
             with torch.no_grad():
                 new = advanced(*opt.update(primal_p, state.opt, primal_g, hp_struct))
-            if not active:
-                return new, carry, loss.detach()
-        direct = tuple(direct_all[j] for j in active)
-        rows, dhp = self._direction(active, direct, primal_h, primal_p)
-        full = len(active) == len(self.columns)
-        full_Z = Z
-        idx = None if full else torch.tensor(active, device=loss.device)
-        if Z is not None and idx is not None:
-            Z = {k: {n: z.index_select(0, idx) for n, z in d.items()} for k, d in Z.items()}
-        dg = self._dgrad(params, g, g_hp, keys, rows, Z, direct, len(active))
+            if not n:
+                return new, None, loss.detach()
+        rows, dhp = directions(primal_h, primal_p)
+        dg = self._dgrad(params, g, g_hp, keys, rows, Z, direct, n, hz)
         if self.clamp_grad is not None:
-            dg = {n: d * keep[n] for n, d in dg.items()}
+            dg = {k: d * keep[k] for k, d in dg.items()}
         if Z is None:
-            Z = {"params": {n: p.new_zeros((len(active), *p.shape)) for n, p in primal_p.items()},
-                 **{k: {n: x.new_zeros((len(active), *x.shape)) for n, x in d.items()}
+            Z = {"params": {k: p.new_zeros((n, *p.shape)) for k, p in primal_p.items()},
+                 **{k: {m: x.new_zeros((n, *x.shape)) for m, x in d.items()}
                     for k, d in primal_o.items()}}
         to = {k: Z[k] for k in primal_o}
         if rule:
@@ -241,22 +282,12 @@ class ForwardTangent:
         else:
             dp, do = self._jvp_fallback(state.opt, primal_p, primal_o, primal_g, primal_h,
                                         Z["params"], to, dg, rows)
-        new_Z = {"params": dp, **do}
-        if not full:
-            # the carry is never written in place: a snapshot of it stays what it was
-            merged = {k: {n: z.new_zeros((len(self.columns), *z.shape[1:]))
-                          for n, z in d.items()} for k, d in new_Z.items()} if full_Z is None \
-                else {k: {n: z.clone() for n, z in d.items()} for k, d in full_Z.items()}
-            for k, d in new_Z.items():
-                for n, z in d.items():
-                    merged[k][n].index_copy_(0, idx, z)
-            new_Z = merged
-        now_started = carry["started"].clone()
-        now_started[list(active)] = True
-        return new, {"Z": new_Z, "started": now_started}, loss.detach()
+        return new, {"params": dp, **do}, loss.detach()
 
     def _fused_step(self, Z, started, state: InnerState, batch, leaves, t: int):
         """`step` by the compiled pure function, every column at once."""
+        if batch is None:
+            batch = self.problem.train_batch(t)
         hp_cur = self.current(leaves, t)
         direct = tuple(self._direct(t))
         rows, dhp = self._direction(tuple(range(len(self.columns))), direct, hp_cur,
@@ -269,9 +300,10 @@ class ForwardTangent:
         carry = {"Z": {"params": dp, **do}, "started": torch.ones(len(started), dtype=torch.bool)}
         return InnerState(new_p, new_opt, new_buffers, state.t + 1), carry, loss.detach()
 
-    def _dgrad(self, params, g, g_hp, keys, rows, Z, direct, n_active):
+    def _dgrad(self, params, g, g_hp, keys, rows, Z, direct, n_active, hz=None):
         """Rows of d(∇L)/dλ along each column: H·Zθ + ∂²L/∂θ∂λ·e_j, one backward per row
-        (g's vector-Jacobian product with Zθ; the Hessian is symmetric)."""
+        (g's vector-Jacobian product with Zθ; the Hessian is symmetric). `hz[a]` False says
+        column a's Z is zero, so its H·Z product is skipped."""
         mixed = [k for k in keys if g_hp[k] is not None and g_hp[k].requires_grad]
         if Z is None and not mixed:
             return {n: p.new_zeros((n_active, *p.shape)) for n, p in params.items()}
@@ -279,17 +311,18 @@ class ForwardTangent:
         outputs = [g[n] for n in names]
         out_rows: list[list[torch.Tensor]] = []
         for a in range(n_active):
-            grad_outputs = [Z["params"][n][a] for n in names]
-            outs = list(outputs)
+            use_z = Z is not None and (hz is None or hz[a])
+            grad_outputs = [Z["params"][n][a] for n in names] if use_z else []
+            outs = list(outputs) if use_z else []
             if direct[a]:
                 outs += [g_hp[k] for k in mixed]
                 grad_outputs += [rows[k][a] for k in mixed]
             if not outs:
                 out_rows.append([None] * len(params))
                 continue
-            if Z is not None:
+            if use_z:
                 self.hvps += 1
-            if self.clamp_hz is not None and outputs:
+            if self.clamp_hz is not None and use_z and outputs:
                 out_rows.append(self._clamped_row(outputs, grad_outputs, outs, params))
                 continue
             out_rows.append(list(self.problem.vjp(outs, list(params.values()), grad_outputs,
@@ -368,20 +401,42 @@ class ForwardTangent:
         return float(torch.linalg.vector_norm(torch.stack(norms)))
 
 
+def forward_engine(problem: Problem, horizon: int, tangent="exact", compile: bool | dict = False,
+                   clamp_grad: float | None = None, clamp_hz: float | None = None,
+                   uoro_samples: int = 1, seed: int | None = None) -> ForwardTangent:
+    """The forward engine for a `tangent` choice: a column grouping of the exact engine, or
+    "uoro" (the rank-one estimate of Tallec & Ollivier 2018; hypergrad/uoro.py)."""
+    if tangent == "uoro":
+        from .uoro import UOROTangent
+
+        if compile:
+            raise HyperparameterError("tangent='uoro' does not run with compile=True")
+        return UOROTangent(problem, horizon, uoro_samples,
+                           problem.seed if seed is None else seed, clamp_grad, clamp_hz)
+    if uoro_samples != 1:
+        raise HyperparameterError(f"uoro_samples={uoro_samples!r} needs tangent='uoro'")
+    return ForwardTangent(problem, horizon, tangent, compile=compile, clamp_grad=clamp_grad,
+                          clamp_hz=clamp_hz)
+
+
 def forward(problem: Problem, steps: int, values: dict, *, tangent="exact",
             compile: bool | dict = False, clamp_grad: float | None = None,
-            clamp_hz: float | None = None) -> HypergradResult:
+            clamp_hz: float | None = None, uoro_samples: int = 1,
+            seed: int | None = None) -> HypergradResult:
     """Forward-mode hypergradient after `steps` inner steps (memory constant in T).
 
     tangent="summed" is OHO's approximation (one tangent per hyperparameter name, read back
-    per layer); it is exact only when the Hessian has no cross-layer blocks. compile=True
+    per layer); it is exact only when the Hessian has no cross-layer blocks. tangent="uoro" is
+    an unbiased rank-one estimate (Tallec & Ollivier 2018) at one Hessian-vector product a step
+    per sample whatever the number of hyperparameters, averaged over `uoro_samples`
+    independent samples, its signs drawn from `seed` (default: the problem's). compile=True
     (or a dict of `torch.compile` options) runs each step as one compiled function; the
     compilation itself (tens of seconds on CPU) is in `stats["wall_time_s"]`. clamp_grad /
     clamp_hz bound the training gradient and H·Z elementwise (Micaelli & Storkey 2021).
     """
     with CostMeter(problem.device) as meter:
-        engine = ForwardTangent(problem, steps, tangent, compile=compile, clamp_grad=clamp_grad,
-                                clamp_hz=clamp_hz)
+        engine = forward_engine(problem, steps, tangent, compile, clamp_grad, clamp_hz,
+                                uoro_samples, seed)
         value, grads = run(engine, problem, steps, values, meter)
         meter.hvps = engine.hvps
     return finish(problem, values, value, grads,

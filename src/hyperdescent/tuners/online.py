@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import HyperparameterError
-from ..hypergrad.forward import ForwardTangent
+from ..hypergrad.forward import forward_engine
 from ..hypergrad.truncated import TruncatedWindow, check_window
 from ..problem import InnerState, Problem
 from ..space import flatten, unflatten
@@ -48,7 +48,8 @@ def to_plain(values: Mapping[str, Any]) -> dict[str, Any]:
 class OnlineTuner:
     """Tune hyperparameters inside one training run (`hd.OnlineTuner`).
 
-    method: "forward" (exact RTRL tangent, or OHO's `tangent="summed"` approximation),
+    method: "forward" (exact RTRL tangent, OHO's `tangent="summed"` approximation, or
+    `tangent="uoro"`, an unbiased rank-one estimate averaged over `uoro_samples`),
     "greedy" (tangent reset every step: one-step lookahead) or "truncated" (backprop through
     the last `window` steps, all replayed at the current values). Meta-steps are taken in raw
     coordinates (log / logit), so values never leave their bounds. The defaults (meta_lr 0.03,
@@ -67,7 +68,8 @@ class OnlineTuner:
                  window: int = 10, horizon: int | None = None, spike_factor: float = 3.0,
                  trend_factor: float = 1.2, giveback: float = 0.3,
                  snapshot_every: int = 25, max_rollbacks: int = 20,
-                 backtrack: tuple[str, ...] = ("lr",), compile: bool | dict = False):
+                 backtrack: tuple[str, ...] = ("lr",), compile: bool | dict = False,
+                 uoro_samples: int = 1):
         if method not in METHODS:
             raise HyperparameterError(f"method={method!r} is not one of {METHODS}")
         if meta_optimizer not in META_OPTIMIZERS:
@@ -97,7 +99,7 @@ class OnlineTuner:
                            spike_factor=spike_factor, trend_factor=trend_factor, giveback=giveback,
                            snapshot_every=snapshot_every,
                            max_rollbacks=max_rollbacks, backtrack=tuple(backtrack),
-                           compile=compile)
+                           compile=compile, uoro_samples=uoro_samples)
         self.horizon = horizon or 1000
         self.like = problem.real_hparams()
         bound = problem.bound
@@ -110,8 +112,9 @@ class OnlineTuner:
         if method == "truncated":
             self.engine = TruncatedWindow(problem, self.horizon, window)
         else:
-            self.engine = ForwardTangent(problem, self.horizon, tangent,
-                                         compile=compile if method == "forward" else False)
+            self.engine = forward_engine(problem, self.horizon, tangent,
+                                         compile=compile if method == "forward" else False,
+                                         uoro_samples=uoro_samples)
         self.carry = self.engine.init()
         self.history: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
