@@ -3,8 +3,8 @@
 Each lane is a range-ANS coder (Duda 2013, "Asymmetric numeral systems") with an int64 head
 kept in [2^31, 2^63); renormalisation moves 32-bit words between the heads and one shared
 tensor tape. `push(s, base)` encodes a digit s < base, `pop(base)` decodes one, both with the
-near-uniform distribution over [0, base) at 2^24 precision (exactly uniform when base is a
-power of two up to 2^24), and each is the exact inverse of the other, as bits-back coding
+near-uniform distribution over [0, base) at 2^24 precision (a power-of-two base: exactly
+uniform, as raw bits), and each is the exact inverse of the other, as bits-back coding
 needs (Townsend, Bird & Barber 2019, "Practical lossless compression with latent variables
 using bits back coding"). Words are written and read in lane order, so the tape is one flat
 stack: a pop may take words another lane pushed, and the mirrored push puts them back.
@@ -42,10 +42,11 @@ def _check_base(base) -> torch.Tensor | int:
     return base
 
 
-def _interval(sym: torch.Tensor, base) -> tuple[torch.Tensor, torch.Tensor]:
-    """(start, frequency) of digit `sym` under the 2^24-quantised uniform law on [0, base)."""
-    start = torch.div(sym * PRECISION, base, rounding_mode="floor")
-    return start, torch.div((sym + 1) * PRECISION, base, rounding_mode="floor") - start
+def _raw_bits(base) -> int | None:
+    """log2(base) for a power-of-two int base (coded as raw bits, exactly uniform), else None."""
+    if isinstance(base, int) and base & (base - 1) == 0:
+        return base.bit_length() - 1
+    return None
 
 
 class RansBuffer:
@@ -56,6 +57,23 @@ class RansBuffer:
         self.tape = torch.empty(max(1, int(capacity_words)), dtype=torch.int32, device=device)
         self.top = 0  # words on the tape
         self.peak_words = 0
+        # (starts, frequencies) of every digit, for int bases
+        self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _interval(self, sym: torch.Tensor, base) -> tuple[torch.Tensor, torch.Tensor | int]:
+        """(start, frequency) of digit `sym` under the 2^24-quantised uniform law on [0, base):
+        start = floor(sym·2^24 / base); a table lookup for an int base, since int64 division
+        is the coder's slowest operation."""
+        if isinstance(base, int):
+            tables = self._tables.get(base)
+            if tables is None:
+                edges = torch.div(torch.arange(base + 1, dtype=torch.int64,
+                                               device=self.head.device) * PRECISION, base,
+                                  rounding_mode="floor")
+                tables = self._tables[base] = (edges[:-1], edges[1:] - edges[:-1])
+            return tables[0].index_select(0, sym), tables[1].index_select(0, sym)
+        start = torch.div(sym * PRECISION, base, rounding_mode="floor")
+        return start, torch.div((sym + 1) * PRECISION, base, rounding_mode="floor") - start
 
     @property
     def lanes(self) -> int:
@@ -117,24 +135,44 @@ class RansBuffer:
                                         f"{tuple(sym.shape)} {sym.dtype}")
             if bool((sym < 0).any()) or bool((sym >= base).any()):
                 raise HyperdescentError("push: every digit must satisfy 0 <= digit < base")
-        start, freq = _interval(sym, base)
+        if isinstance(base, torch.Tensor) and base.dim() == 0:
+            base = int(base)
         x = self.head
+        bits = _raw_bits(base)
+        if bits == 0:
+            return  # base 1: nothing to code
+        if bits is not None:  # a power of two: the digit's bits go below the head's
+            emit = x >= 1 << (63 - bits)
+            if bool(emit.any()):
+                self._put(x[emit] & WORD_MASK)
+                x = torch.where(emit, x >> WORD_BITS, x)
+            self.head = (x << bits) | sym
+            return
+        start, freq = self._interval(sym, base)
         emit = (x >> _EMIT_SHIFT) >= freq  # x >= freq·2^39 without overflowing at freq = 2^24
         if bool(emit.any()):
             self._put(x[emit] & WORD_MASK)
             x = torch.where(emit, x >> WORD_BITS, x)
-        self.head = (torch.div(x, freq, rounding_mode="floor") << PRECISION_BITS) \
-            + torch.remainder(x, freq) + start
+        q = torch.div(x, freq, rounding_mode="floor")
+        self.head = (q << PRECISION_BITS) + (x - q * freq) + start
 
     def pop(self, base, check: bool = True) -> torch.Tensor:
         """Decode one digit per lane in [0, base): the inverse of `push`."""
         if check:
             base = _check_base(base)
+        if isinstance(base, torch.Tensor) and base.dim() == 0:
+            base = int(base)
         x = self.head
-        slot = x & (PRECISION - 1)
-        sym = torch.div((slot + 1) * base - 1, PRECISION, rounding_mode="floor")
-        start, freq = _interval(sym, base)
-        x = freq * (x >> PRECISION_BITS) + slot - start
+        bits = _raw_bits(base)
+        if bits is not None:
+            sym = x & (base - 1)
+            x = x >> bits
+        else:
+            slot = x & (PRECISION - 1)
+            # the largest digit whose interval starts at or below the slot
+            sym = ((slot + 1) * base - 1) >> PRECISION_BITS
+            start, freq = self._interval(sym, base)
+            x = freq * (x >> PRECISION_BITS) + slot - start
         need = x < HEAD_LOW
         k = int(need.sum())
         if k:

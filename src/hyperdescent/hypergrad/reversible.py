@@ -16,6 +16,7 @@ the ones the run started from, bit for bit.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -77,10 +78,11 @@ class _Lanes:
         lr = self.layout.lanes(per_name("lr"), self.dtype, self.device)
         wd = self.layout.lanes(per_name("weight_decay"), self.dtype, self.device)
         mu = self.layout.lanes(per_name("momentum"), torch.float64, self.device)
-        return lr, wd, mu, torch.round(mu * self.denom).to(torch.int64)
+        n = torch.round(mu * self.denom).to(torch.int64)
+        return lr, wd, mu, int(n) if n.dim() == 0 else n  # an int takes the coder's fast path
 
 
-def _detached(hp: dict) -> dict:
+def _detached(hp) -> dict:
     return {k: ({p: x.detach() for p, x in v.items()} if isinstance(v, dict)
                 else v.detach() if isinstance(v, torch.Tensor) else v) for k, v in hp.items()}
 
@@ -89,10 +91,118 @@ def _leaves(layout: rsgd.Layout, flat: torch.Tensor) -> dict[str, torch.Tensor]:
     return {n: x.detach().requires_grad_(True) for n, x in layout.split(flat).items()}
 
 
-def reversible(problem: Problem, steps: int, values: dict | None = None, *,
-               headroom_bits: int = 10, momentum_denom: int = rsgd.MOMENTUM_DENOM
-               ) -> HypergradResult:
-    """dE(θ_T)/dλ by exact reversal of SGD with momentum (Maclaurin et al. 2015, Alg. 2)."""
+@dataclass
+class Run:
+    """A reversible run after its forward pass: fixed-point state s_T and the buffer."""
+
+    problem: Problem
+    steps: int
+    values: dict
+    layout: rsgd.Layout
+    lanes: _Lanes
+    fx: rsgd.FixedPoint
+    theta: torch.Tensor
+    v: torch.Tensor
+    buffer: RansBuffer
+    theta_start: torch.Tensor
+    buffer_start: tuple
+    buffer_bits: int = 0
+
+
+def forward_pass(problem: Problem, steps: int, values: dict, fixed_mu: float,
+                 headroom_bits: int, denom: int) -> Run:
+    """T exact fixed-point SGD-momentum steps (Maclaurin et al. 2015, Algorithm 1)."""
+    opt, T = problem.optimizer, int(steps)
+    layout = rsgd.Layout.of(problem.params0)
+    lanes = _Lanes(opt, layout, fixed_mu, problem.dtype, problem.device, denom)
+    theta0 = layout.flat(problem.params0).detach()
+    fx = rsgd.FixedPoint.for_weights(layout, theta0, headroom_bits)
+    theta = rsgd.to_fixed(theta0, fx.theta_scale, layout, "initial weights")
+    v = torch.zeros_like(theta)
+    expect_bits = math.log2(1.0 / fixed_mu) if fixed_mu > 0 else 1.0
+    buffer = RansBuffer(layout.numel, problem.device,
+                        capacity_words=int(layout.numel * T * (expect_bits + 0.01) / 32) + 1024)
+    run = Run(problem, T, values, layout, lanes, fx, theta, v, buffer, theta.clone(),
+              buffer.snapshot())
+    values_d = _detached(values)
+    for t in range(T):
+        hp = problem.hp_at(values_d, t, T)
+        lr, wd, mu, n = lanes(hp)
+        theta_f = rsgd.to_float(theta, fx.theta_inv)
+        _, g, _, _ = problem.train_grad(_leaves(layout, theta_f), problem.buffers0,
+                                        problem.train_batch(t), hp)
+        direction = rsgd.decayed_gradient(layout.flat(g), theta_f, wd)
+        if t == 0:
+            fx.set_velocity_range(direction, mu, headroom_bits)
+        theta, v = rsgd.step(theta, v, direction, lr, n, fx, buffer, t, denom)
+        if t % 64 == 0:
+            sample_memory()
+    run.theta, run.v, run.buffer_bits = theta, v, buffer.bits()
+    sample_memory()
+    return run
+
+
+def reverse_pass(run: Run) -> tuple[float, dict[str, torch.Tensor], bool]:
+    """(E(θ_T), dE/dλ per flat leaf, whether s_0 and the buffer came back bit for bit):
+    Algorithm 2 of Maclaurin et al. 2015, the adjoints backpropagated through each step by
+    one vector-Jacobian product."""
+    problem, T, layout, fx, lanes = run.problem, run.steps, run.layout, run.fx, run.lanes
+    opt, buffers, fixed_mu = problem.optimizer, problem.buffers0, lanes.fixed_mu
+    theta, v, buffer = run.theta, run.v, run.buffer
+    value, dtheta, _ = problem.val_grad(_leaves(layout, rsgd.to_float(theta, fx.theta_inv)),
+                                        buffers, problem.val_batch(T))
+    dtheta = layout.flat(dtheta)
+    dv = torch.zeros_like(dtheta)
+    lam = {k: x.detach().clone().requires_grad_(True) for k, x in flatten(run.values).items()}
+    lam_list = list(lam.values())
+    values_g = unflatten(lam, run.values)
+    grads = [torch.zeros_like(x) for x in lam_list]
+    for t in range(T - 1, -1, -1):
+        hp_g = problem.hp_at(values_g, t, T)
+        lr, wd, _, n = lanes(_detached(hp_g))
+        theta = rsgd.unstep_position(theta, v, lr, fx, t)
+        theta_f = rsgd.to_float(theta, fx.theta_inv)
+        params = _leaves(layout, theta_f)
+        _, g, _, _ = problem.train_grad(params, buffers, problem.train_batch(t), hp_g,
+                                        create_graph=True)
+        # the forward pass took its gradient without a graph: the values are the same bits
+        direction = rsgd.decayed_gradient(layout.flat({k: x.detach() for k, x in g.items()}),
+                                          theta_f, wd)
+        v = rsgd.unstep_velocity(v, direction, n, fx, buffer, t, lanes.denom)
+        # v_0 = 0 and the adjoint of s_0 is not asked for: step 0 needs no Hessian product
+        vel = _leaves(layout, rsgd.to_float(v, fx.v_inv)) if t > 0 else None
+        outs, douts = [], []
+        dtheta_at, dv_at = layout.split(dtheta), layout.split(dv)
+        for name in layout.names:
+            lr_n, wd_n = opt.value(hp_g, "lr", name), opt.value(hp_g, "weight_decay", name)
+            new_v = g[name] + wd_n * params[name]
+            if vel is not None:
+                mu_n = opt.value(hp_g, "momentum", name) if "momentum" in hp_g else fixed_mu
+                new_v = new_v + mu_n * vel[name]
+            outs += [params[name] - lr_n * new_v, new_v]
+            douts += [dtheta_at[name], dv_at[name]]
+        wrt = list(params.values()) + list(vel.values()) if vel is not None else []
+        got = problem.vjp(outs, wrt + lam_list, douts)
+        if t == T - 1 or t % 64 == 0:
+            sample_memory()
+        if vel is not None:
+            k = len(params)
+            dtheta = torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1)
+                                for x, p in zip(got[:k], params.values())])
+            dv = torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1)
+                            for x, p in zip(got[k:2 * k], vel.values())])
+        for j, gj in enumerate(got[len(wrt):]):
+            if gj is not None:
+                grads[j] = grads[j] + gj
+    run.theta, run.v = theta, v
+    exact = bool(torch.equal(theta, run.theta_start) and not bool(v.any())
+                 and buffer.matches(run.buffer_start))
+    return float(value), dict(zip(lam, grads)), exact
+
+
+def prepare(problem: Problem, values: dict | None, momentum_denom: int, headroom_bits: int
+            ) -> tuple[dict, object]:
+    """Checks, and the values with the momentum quantised: (values, momentum used)."""
     problem.require_replayable("reversible")
     opt = _check_optimizer(problem)
     if momentum_denom < 2 or momentum_denom & (momentum_denom - 1) or momentum_denom > 1 << 16:
@@ -101,92 +211,24 @@ def reversible(problem: Problem, steps: int, values: dict | None = None, *,
     if not 0 <= int(headroom_bits) <= 40:
         raise HyperparameterError(f"headroom_bits must be in [0, 40], got {headroom_bits}")
     values = problem.real_hparams() if values is None else values
-    values, mu_used = _quantized_values(values, opt, momentum_denom)
+    return _quantized_values(values, opt, momentum_denom)
+
+
+def reversible(problem: Problem, steps: int, values: dict | None = None, *,
+               headroom_bits: int = 10, momentum_denom: int = rsgd.MOMENTUM_DENOM
+               ) -> HypergradResult:
+    """dE(θ_T)/dλ by exact reversal of SGD with momentum (Maclaurin et al. 2015, Alg. 2)."""
+    values, mu_used = prepare(problem, values, momentum_denom, headroom_bits)
     fixed_mu = mu_used if isinstance(mu_used, float) else 0.0
-    T = int(steps)
-    dtype, device = problem.dtype, problem.device
-    layout = rsgd.Layout.of(problem.params0)
-    lanes = _Lanes(opt, layout, fixed_mu, dtype, device, momentum_denom)
-    buffers = problem.buffers0
-    with CostMeter(device) as meter:
-        # -- forward: T exact fixed-point steps ---------------------------------------------
-        theta0 = layout.flat(problem.params0).detach()
-        fx = rsgd.FixedPoint.for_weights(layout, theta0, headroom_bits)
-        theta = rsgd.to_fixed(theta0, fx.theta_scale, layout, "initial weights")
-        theta_start = theta.clone()
-        v = torch.zeros_like(theta)
-        expect_bits = max(math.log2(1.0 / max(fixed_mu or 0.5, 1e-9)), 0.0)
-        buffer = RansBuffer(layout.numel, device,
-                            capacity_words=int(layout.numel * T * (expect_bits + 0.1) / 32) + 1024)
-        buffer_start = buffer.snapshot()
-        values_d = {k: (v_.detach() if isinstance(v_, torch.Tensor) else
-                        {p: x.detach() for p, x in v_.items()}) for k, v_ in values.items()}
-        for t in range(T):
-            hp = problem.hp_at(values_d, t, T)
-            lr, wd, mu, n = lanes(hp)
-            theta_f = rsgd.to_float(theta, fx.theta_inv)
-            _, g, _, _ = problem.train_grad(_leaves(layout, theta_f), buffers,
-                                            problem.train_batch(t), hp)
-            direction = rsgd.decayed_gradient(layout.flat(g), theta_f, wd)
-            if t == 0:
-                fx.set_velocity_range(direction, mu, headroom_bits)
-            theta, v = rsgd.step(theta, v, direction, lr, n, fx, buffer, t, momentum_denom)
-            if t % 64 == 0:
-                sample_memory()
-        bits = buffer.bits()
-        sample_memory()
-        # -- the validation gradient at θ_T -------------------------------------------------
-        value, dtheta, _ = problem.val_grad(_leaves(layout, rsgd.to_float(theta, fx.theta_inv)),
-                                            buffers, problem.val_batch(T))
-        dtheta = layout.flat(dtheta)
-        dv = torch.zeros_like(dtheta)
-        lam = {k: x.detach().clone().requires_grad_(True) for k, x in flatten(values).items()}
-        lam_list = list(lam.values())
-        values_g = unflatten(lam, values)
-        grads = [torch.zeros_like(x) for x in lam_list]
-        # -- reverse: un-step and backpropagate, t = T-1 .. 0 -------------------------------
-        for t in range(T - 1, -1, -1):
-            hp_g = problem.hp_at(values_g, t, T)
-            hp = _detached(hp_g)
-            lr, wd, mu, n = lanes(hp)
-            theta = rsgd.unstep_position(theta, v, lr, fx, t)
-            theta_f = rsgd.to_float(theta, fx.theta_inv)
-            params = _leaves(layout, theta_f)
-            _, g, _, _ = problem.train_grad(params, buffers, problem.train_batch(t), hp_g,
-                                            create_graph=True)
-            direction = rsgd.decayed_gradient(layout.flat({k: x.detach() for k, x in g.items()}),
-                                              theta_f, wd)
-            v = rsgd.unstep_velocity(v, direction, n, fx, buffer, t, momentum_denom)
-            vel = _leaves(layout, rsgd.to_float(v, fx.v_inv)) if t > 0 else None
-            outs, douts = [], []
-            dtheta_at, dv_at = layout.split(dtheta), layout.split(dv)
-            for name in layout.names:
-                lr_n, wd_n = opt.value(hp_g, "lr", name), opt.value(hp_g, "weight_decay", name)
-                mu_n = opt.value(hp_g, "momentum", name) if "momentum" in hp_g else fixed_mu
-                new_v = g[name] + wd_n * params[name]
-                if vel is not None:
-                    new_v = new_v + mu_n * vel[name]
-                outs += [params[name] - lr_n * new_v, new_v]
-                douts += [dtheta_at[name], dv_at[name]]
-            wrt = (list(params.values()) + list(vel.values()) if vel is not None else [])
-            got = problem.vjp(outs, wrt + lam_list, douts)
-            if t == T - 1 or t % 64 == 0:
-                sample_memory()
-            if vel is not None:
-                k = len(params)
-                dtheta = torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1)
-                                    for x, p in zip(got[:k], params.values())])
-                dv = torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1)
-                                for x, p in zip(got[k:2 * k], vel.values())])
-            for j, gj in enumerate(got[len(wrt):]):
-                if gj is not None:
-                    grads[j] = grads[j] + gj
-        exact = bool(torch.equal(theta, theta_start) and not bool(v.any())
-                     and buffer.matches(buffer_start))
-        meter.hvps = max(0, T - 1)
-    stats = meter.stats(method="reversible", steps=T, reversal_exact=exact,
-                        buffer_bits=bits, buffer_bits_per_param_step=bits / (layout.numel * T),
-                        buffer_peak_mb=(64 * layout.numel + 32 * buffer.peak_words) / 8 / 2 ** 20,
-                        momentum_used=mu_used, momentum_denom=momentum_denom,
-                        theta_radix=fx.theta_radix, velocity_radix=fx.v_radix)
-    return finish(problem, values, float(value), dict(zip(lam, grads)), stats)
+    with CostMeter(problem.device) as meter:
+        run = forward_pass(problem, steps, values, fixed_mu, headroom_bits, momentum_denom)
+        value, grads, exact = reverse_pass(run)
+        meter.hvps = max(0, int(steps) - 1)
+    P, T = run.layout.numel, int(steps)
+    stats = meter.stats(
+        method="reversible", steps=T, reversal_exact=exact, buffer_bits=run.buffer_bits,
+        buffer_bits_per_param_step=run.buffer_bits / (P * T),
+        buffer_peak_mb=(64 * P + 32 * run.buffer.peak_words) / 8 / 2 ** 20,
+        momentum_used=mu_used, momentum_denom=momentum_denom, theta_radix=run.fx.theta_radix,
+        velocity_radix=run.fx.v_radix)
+    return finish(problem, values, value, grads, stats)

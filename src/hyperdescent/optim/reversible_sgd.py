@@ -179,14 +179,16 @@ def quantize_momentum(mu: torch.Tensor | float, denom: int = MOMENTUM_DENOM):
 def mul_momentum(v: torch.Tensor, n, buffer, denom: int = MOMENTUM_DENOM) -> torch.Tensor:
     """v·n/d in integers: push v mod d, divide by d, multiply by n, add a digit popped below n
     (Maclaurin et al. 2015, Sec. 2.3)."""
-    buffer.push(torch.remainder(v, denom), denom, check=False)
-    return torch.div(v, denom, rounding_mode="floor") * n + buffer.pop(n, check=False)
+    shift = denom.bit_length() - 1  # denom is a power of two: floor division is a shift
+    buffer.push(v & (denom - 1), denom, check=False)
+    return (v >> shift) * n + buffer.pop(n, check=False)
 
 
 def div_momentum(v: torch.Tensor, n, buffer, denom: int = MOMENTUM_DENOM) -> torch.Tensor:
     """The exact inverse of `mul_momentum`: push v mod n back, pop the remainder of d."""
-    buffer.push(torch.remainder(v, n), n, check=False)
-    return torch.div(v, n, rounding_mode="floor") * denom + buffer.pop(denom, check=False)
+    q = torch.div(v, n, rounding_mode="floor")
+    buffer.push(v - q * n, n, check=False)
+    return q * denom + buffer.pop(denom, check=False)
 
 
 def decayed_gradient(grad: torch.Tensor, theta: torch.Tensor, wd) -> torch.Tensor:
