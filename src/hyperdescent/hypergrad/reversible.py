@@ -71,15 +71,21 @@ class _Lanes:
         self.opt, self.layout, self.fixed_mu = opt, layout, fixed_mu
         self.dtype, self.device, self.denom = dtype, device, denom
 
+    def _per_name(self, hp: dict, k: str) -> list:
+        return [self.opt.value(hp, k, n) if k != "momentum" or "momentum" in hp
+                else self.fixed_mu for n in self.layout.names]
+
     def __call__(self, hp: dict):
-        def per_name(k):
-            return [self.opt.value(hp, k, n) if k != "momentum" or "momentum" in hp
-                    else self.fixed_mu for n in self.layout.names]
-        lr = self.layout.lanes(per_name("lr"), self.dtype, self.device)
-        wd = self.layout.lanes(per_name("weight_decay"), self.dtype, self.device)
-        mu = self.layout.lanes(per_name("momentum"), torch.float64, self.device)
+        lr = self.layout.lanes(self._per_name(hp, "lr"), self.dtype, self.device)
+        wd = self.layout.lanes(self._per_name(hp, "weight_decay"), self.dtype, self.device)
+        mu = self.layout.lanes(self._per_name(hp, "momentum"), torch.float64, self.device)
         n = torch.round(mu * self.denom).to(torch.int64)
         return lr, wd, mu, int(n) if n.dim() == 0 else n  # an int takes the coder's fast path
+
+    def differentiable(self, hp: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(lr, weight decay, momentum) per element, in the graph of the leaves in `hp`."""
+        return tuple(self.layout.lanes(self._per_name(hp, k), self.dtype, self.device,
+                                       graph=True) for k in _HP)
 
 
 def _detached(hp) -> dict:
@@ -87,8 +93,17 @@ def _detached(hp) -> dict:
                 else v.detach() if isinstance(v, torch.Tensor) else v) for k, v in hp.items()}
 
 
-def _leaves(layout: rsgd.Layout, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {n: x.detach().requires_grad_(True) for n, x in layout.split(flat).items()}
+def _flat_grad(problem: Problem, layout: rsgd.Layout, theta: torch.Tensor, batch, hp,
+               create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(θ as a leaf, ∇_θ L as one flat vector): the model sees views of the one leaf, so the
+    gradient is one vector and the step on it a few graph nodes, not a few per tensor."""
+    leaf = theta.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss, _ = problem.train_loss(layout.split(leaf), problem.buffers0, batch, hp)
+        (grad,) = problem.grad(loss, [leaf], create_graph=create_graph)
+    if grad is None:
+        raise HyperparameterError("the training loss does not depend on the weights")
+    return leaf, grad
 
 
 @dataclass
@@ -129,9 +144,8 @@ def forward_pass(problem: Problem, steps: int, values: dict, fixed_mu: float,
         hp = problem.hp_at(values_d, t, T)
         lr, wd, mu, n = lanes(hp)
         theta_f = rsgd.to_float(theta, fx.theta_inv)
-        _, g, _, _ = problem.train_grad(_leaves(layout, theta_f), problem.buffers0,
-                                        problem.train_batch(t), hp)
-        direction = rsgd.decayed_gradient(layout.flat(g), theta_f, wd)
+        _, g = _flat_grad(problem, layout, theta_f, problem.train_batch(t), hp)
+        direction = rsgd.decayed_gradient(g, theta_f, wd)
         if t == 0:
             fx.set_velocity_range(direction, mu, headroom_bits)
         theta, v = rsgd.step(theta, v, direction, lr, n, fx, buffer, t, denom)
@@ -147,10 +161,10 @@ def reverse_pass(run: Run) -> tuple[float, dict[str, torch.Tensor], bool]:
     Algorithm 2 of Maclaurin et al. 2015, the adjoints backpropagated through each step by
     one vector-Jacobian product."""
     problem, T, layout, fx, lanes = run.problem, run.steps, run.layout, run.fx, run.lanes
-    opt, buffers, fixed_mu = problem.optimizer, problem.buffers0, lanes.fixed_mu
     theta, v, buffer = run.theta, run.v, run.buffer
-    value, dtheta, _ = problem.val_grad(_leaves(layout, rsgd.to_float(theta, fx.theta_inv)),
-                                        buffers, problem.val_batch(T))
+    theta_leaf = rsgd.to_float(theta, fx.theta_inv).requires_grad_(True)
+    value, dtheta, _ = problem.val_grad(layout.split(theta_leaf), problem.buffers0,
+                                        problem.val_batch(T))
     dtheta = layout.flat(dtheta)
     dv = torch.zeros_like(dtheta)
     lam = {k: x.detach().clone().requires_grad_(True) for k, x in flatten(run.values).items()}
@@ -161,36 +175,25 @@ def reverse_pass(run: Run) -> tuple[float, dict[str, torch.Tensor], bool]:
         hp_g = problem.hp_at(values_g, t, T)
         lr, wd, _, n = lanes(_detached(hp_g))
         theta = rsgd.unstep_position(theta, v, lr, fx, t)
-        theta_f = rsgd.to_float(theta, fx.theta_inv)
-        params = _leaves(layout, theta_f)
-        _, g, _, _ = problem.train_grad(params, buffers, problem.train_batch(t), hp_g,
-                                        create_graph=True)
-        # the forward pass took its gradient without a graph: the values are the same bits
-        direction = rsgd.decayed_gradient(layout.flat({k: x.detach() for k, x in g.items()}),
-                                          theta_f, wd)
+        theta_f, g = _flat_grad(problem, layout, rsgd.to_float(theta, fx.theta_inv),
+                                problem.train_batch(t), hp_g, create_graph=True)
+        # the forward pass took this gradient without a graph: the values are the same bits
+        direction = rsgd.decayed_gradient(g.detach(), theta_f.detach(), wd)
         v = rsgd.unstep_velocity(v, direction, n, fx, buffer, t, lanes.denom)
-        # v_0 = 0 and the adjoint of s_0 is not asked for: step 0 needs no Hessian product
-        vel = _leaves(layout, rsgd.to_float(v, fx.v_inv)) if t > 0 else None
-        outs, douts = [], []
-        dtheta_at, dv_at = layout.split(dtheta), layout.split(dv)
-        for name in layout.names:
-            lr_n, wd_n = opt.value(hp_g, "lr", name), opt.value(hp_g, "weight_decay", name)
-            new_v = g[name] + wd_n * params[name]
+        lr_g, wd_g, mu_g = lanes.differentiable(hp_g)
+        with torch.enable_grad():
+            new_v = g + wd_g * theta_f
+            # v_0 = 0 and the adjoint of s_0 is not asked for: step 0 needs no Hessian product
+            vel = rsgd.to_float(v, fx.v_inv).requires_grad_(True) if t > 0 else None
             if vel is not None:
-                mu_n = opt.value(hp_g, "momentum", name) if "momentum" in hp_g else fixed_mu
-                new_v = new_v + mu_n * vel[name]
-            outs += [params[name] - lr_n * new_v, new_v]
-            douts += [dtheta_at[name], dv_at[name]]
-        wrt = list(params.values()) + list(vel.values()) if vel is not None else []
-        got = problem.vjp(outs, wrt + lam_list, douts)
+                new_v = new_v + mu_g * vel
+            new_theta = theta_f - lr_g * new_v
+        wrt = [theta_f, vel] if vel is not None else []
+        got = problem.vjp([new_theta, new_v], wrt + lam_list, [dtheta, dv])
         if t == T - 1 or t % 64 == 0:
             sample_memory()
         if vel is not None:
-            k = len(params)
-            dtheta = torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1)
-                                for x, p in zip(got[:k], params.values())])
-            dv = torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1)
-                            for x, p in zip(got[k:2 * k], vel.values())])
+            dtheta, dv = got[0], got[1]
         for j, gj in enumerate(got[len(wrt):]):
             if gj is not None:
                 grads[j] = grads[j] + gj

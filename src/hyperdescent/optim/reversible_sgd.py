@@ -57,15 +57,19 @@ class Layout:
         """Views of a flat vector, one per name, in the tensors' shapes."""
         return {n: x.view(s) for n, x, s in zip(self.names, flat.split(self.sizes), self.shapes)}
 
-    def lanes(self, per_name: Sequence, dtype, device) -> torch.Tensor:
+    def lanes(self, per_name: Sequence, dtype, device, graph: bool = False) -> torch.Tensor:
         """Per-tensor values (numbers, 0-d or full tensors) broadcast to one value per element:
-        a 0-d tensor when all tensors share one value."""
+        a 0-d tensor when all tensors share one value; graph=True keeps them differentiable."""
+        def tensor(v):
+            out = torch.as_tensor(v, dtype=dtype, device=device)
+            return out if graph else out.detach()
+
         first = per_name[0]
         if all(v is first for v in per_name) and (not isinstance(first, torch.Tensor)
                                                   or first.dim() == 0):
-            return torch.as_tensor(first, dtype=dtype, device=device).detach()
-        return torch.cat([torch.as_tensor(v, dtype=dtype, device=device).detach().expand(s)
-                          .reshape(-1) for v, s in zip(per_name, self.shapes)])
+            return tensor(first)
+        return torch.cat([tensor(v).expand(s).reshape(-1) for v, s in zip(per_name,
+                                                                          self.shapes)])
 
     def which(self, bad: torch.Tensor) -> list[str]:
         """Names of the tensors with a True element in the flat mask `bad`."""
