@@ -176,8 +176,7 @@ def test_hand_written_tangent_rules_equal_torch_func_jvp(name):
     p = build(name)
     out = []
     for use_rule in (True, False):
-        engine = ForwardTangent(p, STEPS)
-        engine.use_tangent_rule = use_rule
+        engine = ForwardTangent(p, STEPS, tangent_rule=use_rule)
         leaves = {k: v.detach() for k, v in hd.space.flatten(p.real_hparams()).items()}
         state, carry = p.init_state(), engine.init()
         for t in range(STEPS):

@@ -107,7 +107,7 @@ class ForwardTangent:
 
     def __init__(self, problem: Problem, horizon: int, tangent="exact",
                  compile: bool | dict = False, clamp_grad: float | None = None,
-                 clamp_hz: float | None = None):
+                 clamp_hz: float | None = None, tangent_rule: bool = True):
         grouping = GROUPINGS.get(tangent) if isinstance(tangent, str) else tangent
         if not callable(grouping):
             raise HyperparameterError(
@@ -141,8 +141,8 @@ class ForwardTangent:
         self.hvps = 0  # Hessian-vector products this engine has computed (a count, for stats)
         self._directions: dict[tuple, tuple] = {}
         # optimizers' hand-written JVP rules are exact and much cheaper than torch.func.jvp
-        # of the elementwise update; tests check them against the jvp fallback.
-        self.use_tangent_rule = True
+        # of the elementwise update; tangent_rule=False takes the jvp (tests compare the two)
+        self.use_tangent_rule = bool(tangent_rule)
         # compile=True (or torch.compile options): once every column is live, each step is
         # one compiled pure function (forward_fused.py); the first steps stay eager
         self._fused = None
@@ -221,8 +221,10 @@ class ForwardTangent:
                 for n, z in d.items():
                     merged[k][n].index_copy_(0, idx, z)
             new_Z = merged
-        now_started = carry["started"].clone()
-        now_started[list(active)] = True
+        now_started = carry["started"]
+        if not all(started[j] for j in active):  # (never written in place: copy, then mark)
+            now_started = now_started.clone()
+            now_started[list(active)] = True
         return new, {"Z": new_Z, "started": now_started}, loss
 
     def tangent_step(self, state: InnerState, batch, leaves: dict[str, torch.Tensor], t: int,

@@ -1,0 +1,175 @@
+"""Online tuning on convolutional nets: the cost of each tangent per step, as a ratio to a plain
+torch.optim step in the same process, beside the irreducible cost of the exact tangent.
+
+Models on CIFAR-shaped random tensors (cost does not depend on the data): a BatchNorm CNN with
+4 conv layers and a ResNet-18 (He et al. 2016, "Deep residual learning for image recognition",
+CIFAR variant). Variants: OHO with a global lr + weight decay; per-layer learning rates with the
+exact tangent, `summed`, `uoro`; `truncated` (window 10). The irreducible cost of the exact
+tangent is one gradient with a graph plus one Hessian-vector product per column.
+
+    python benchmarks/oho_cnn.py                 # CNN, batch 64 (ResNet-18 with --resnet)
+    python benchmarks/oho_cnn.py --quick
+
+Results: benchmarks/results/oho_cnn.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+BENCH_QUICK_ARGS = ["--quick"]
+
+
+def cnn() -> nn.Module:
+    """4 conv layers (32-32-64-64) with BatchNorm, ReLU, two poolings, a linear head."""
+    def block(i, o):
+        return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
+
+    return nn.Sequential(*block(3, 32), *block(32, 32), nn.MaxPool2d(2), *block(32, 64),
+                         *block(64, 64), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 8 * 8, 10))
+
+
+class _Basic(nn.Module):
+    def __init__(self, i, o, stride):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(i, o, 3, stride, 1, bias=False), nn.BatchNorm2d(o)
+        self.c2, self.b2 = nn.Conv2d(o, o, 3, 1, 1, bias=False), nn.BatchNorm2d(o)
+        self.short = nn.Sequential()
+        if stride != 1 or i != o:
+            self.short = nn.Sequential(nn.Conv2d(i, o, 1, stride, bias=False), nn.BatchNorm2d(o))
+
+    def forward(self, x):
+        out = torch.relu(self.b1(self.c1(x)))
+        return torch.relu(self.b2(self.c2(out)) + self.short(x))
+
+
+def resnet18() -> nn.Module:
+    """ResNet-18 for 32x32 inputs (3x3 stem, no max-pool)."""
+    layers, i = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()], 64
+    for o, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [_Basic(i, o, stride), _Basic(o, o, 1)]
+        i = o
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10))
+
+
+def _problem(hd, make, batch: int, per_layer: bool):
+    torch.manual_seed(0)
+    x, y = torch.randn(batch * 4, 3, 32, 32), torch.randint(0, 10, (batch * 4,))
+    per = "layer" if per_layer else "global"
+    space = hd.Space({"lr": hd.Real(0.05, low=1e-5, high=1.0, log=True, per=per),
+                      **({} if per_layer else
+                         {"weight_decay": hd.Real(5e-4, low=1e-7, high=1e-1, log=True)})})
+    torch.manual_seed(0)
+    return hd.Problem(make(), optimizer=hd.optim.SGD(momentum=0.9), space=space, train=(x, y),
+                      val=(x[:batch], y[:batch]), batch_size=batch, val_batch_size=batch, seed=0)
+
+
+def _time(fn, reps: int) -> float:
+    fn()  # warm-up
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def plain_step(make, batch: int):
+    """One torch.optim step (forward, backward, SGD momentum) on a fixed batch."""
+    torch.manual_seed(0)
+    model = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+
+    def step():
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return step
+
+
+def irreducible(problem, columns: int):
+    """A gradient with a graph and `columns` Hessian-vector products (the exact tangent's floor)."""
+    state = problem.init_state()
+    batch = problem.train_batch(0)
+    hp = problem.hp_at(problem.real_hparams(), 0, 1000)
+
+    def run():
+        params = {n: p.detach().requires_grad_(True) for n, p in state.params.items()}
+        _, g, _, _ = problem.train_grad(params, state.buffers, batch, hp, create_graph=True)
+        outs, plist = list(g.values()), list(params.values())
+        for _ in range(columns):
+            problem.vjp(outs, plist, [torch.ones_like(o) for o in outs], retain_graph=True)
+    return run
+
+
+def tuner_step(hd, problem, **kw):
+    """One OnlineTuner step (inner step, tangent update, meta-step)."""
+    tuner = hd.OnlineTuner(problem, meta_lr=0.01, reset_every=None, **kw)
+    tuner.step()  # the first step starts every column
+    return tuner.step
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="batch 16, CNN only, 2 repetitions")
+    ap.add_argument("--resnet", action="store_true", help="also ResNet-18 (slow on CPU)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", default=str(HERE / "results"))
+    args = ap.parse_args(argv)
+    import hyperdescent as hd
+
+    torch.set_num_threads(1)
+    batch, reps = (16, 2) if args.quick else (args.batch, args.reps)
+    models = {"cnn": cnn, **({"resnet18": resnet18} if args.resnet else {})}
+    rows = []
+    for name, make in models.items():
+        base = _time(plain_step(make, batch), reps)
+        layered = _problem(hd, make, batch, True)
+        cols = len(list(make().parameters()))
+        variants = {
+            "OHO global lr+wd (exact)": tuner_step(hd, _problem(hd, make, batch, False)),
+            f"per-layer lr exact ({cols} columns)": tuner_step(hd, layered),
+            "per-layer lr summed": tuner_step(hd, _problem(hd, make, batch, True),
+                                              tangent="summed"),
+            "per-layer lr uoro": tuner_step(hd, _problem(hd, make, batch, True), tangent="uoro"),
+            "per-layer lr truncated (window 10)": tuner_step(
+                hd, _problem(hd, make, batch, True), method="truncated", window=10),
+            f"irreducible exact: gradient with graph + {cols} HVPs": irreducible(layered, cols),
+            "irreducible global: gradient with graph + 2 HVPs": irreducible(layered, 2),
+        }
+        if name == "resnet18" and not args.quick:
+            # the exact per-layer tangent on ResNet-18 (62 columns) takes minutes a step on CPU
+            variants.pop(f"per-layer lr exact ({cols} columns)")
+        for label, fn in variants.items():
+            sec = _time(fn, reps)
+            rows.append({"model": name, "variant": label, "seconds": sec, "ratio": sec / base,
+                         "plain_step_s": base})
+            print(f"{name:9s} {label:50s} {sec * 1e3:9.1f} ms  {sec / base:6.2f}x plain")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"batch": batch, "reps": reps, "threads": 1, "device": "cpu",
+            "command": "python benchmarks/oho_cnn.py " + " ".join(argv or sys.argv[1:])}
+    (out / "oho_cnn.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    lines = [f"# OHO on convolutional nets (CPU, batch {batch}, 1 thread, median of {reps})", "",
+             "| model | variant | ms / step | × plain step |", "|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['variant']} | {r['seconds'] * 1e3:.1f} | {r['ratio']:.2f} |"
+              for r in rows]
+    (out / "oho_cnn.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
