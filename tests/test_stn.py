@@ -294,3 +294,38 @@ def test_rollback_on_non_finite_loss():
     assert len(events) == 1 and events[0]["from_step"] == 9 and tr.t == 10
     assert len(tr.schedule()) == 10
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# -- text ------------------------------------------------------------------------------------
+def test_ptb_loader_reads_the_format(tmp_path):
+    (tmp_path / "ptb.train.txt").write_text(" the cat sat <unk> \n\n a dog sat \n")
+    (tmp_path / "ptb.valid.txt").write_text(" the dog ran \n")
+    (tmp_path / "ptb.test.txt").write_text(" a cat \n")
+    ids, vocab = stn.text.load_ptb(tmp_path)
+    assert vocab == sorted(["the", "cat", "sat", "<unk>", "<eos>", "a", "dog"])
+    words = [vocab[i] for i in ids["train"]]
+    assert words == ["the", "cat", "sat", "<unk>", "<eos>", "a", "dog", "sat", "<eos>"]
+    assert [vocab[i] for i in ids["valid"]] == ["the", "dog", "<unk>", "<eos>"]  # ran -> <unk>
+    (tmp_path / "ptb.char.train.txt").write_text("a _ b\n")
+    (tmp_path / "ptb.char.valid.txt").write_text("b\n")
+    (tmp_path / "ptb.char.test.txt").write_text("c\n")
+    with pytest.raises(DataError, match="'c'"):
+        stn.text.load_ptb(tmp_path, level="char")
+    with pytest.raises(DataError, match="lacks"):
+        stn.text.load_ptb(tmp_path / "nowhere")
+
+
+def test_char_lm_on_python_corpus_trains_with_stn():
+    text = stn.text.python_corpus(max_chars=3000)
+    assert len(text) == 3000
+    ids, vocab = stn.text.char_splits(text, (0.8, 0.1, 0.1))
+    assert sum(len(v) for v in ids.values()) == 3000
+    train, val = stn.text.windows(ids["train"], 20), stn.text.windows(ids["valid"], 20)
+    names = ["dropout_emb", "dropout_in", "dropout_hid", "dropout_out"]
+    space = hd.Space({n: hd.Real(0.2, low=0.0, high=0.9) for n in names})
+    model = stn.text.hyper_lstm_lm(len(vocab), 4, embed=8, hidden=12, seed=0, dtype=D)
+    tr = stn.STNTrainer(model, space, train, val, loss=stn.text.lm_loss, batch_size=8,
+                        lr=0.5, momentum=0.0, warmup_steps=2, seed=0)
+    before = tr.evaluate("val")["loss"]
+    tr.run(8)
+    assert tr.hyper_t == 3 and tr.evaluate("val")["loss"] < before

@@ -3,7 +3,7 @@ per-example augmentations and the alternating trainer. They tune what never ente
 optimizer's update (dropout, augmentation, penalty coefficients); optimizer hyperparameters
 belong to hd.OnlineTuner."""
 
-from . import augment
+from . import augment, text
 from .augment import Augmentation
 from .layers import (
     HyperContext,
@@ -20,4 +20,4 @@ from .trainer import OPTIMIZER_HPARAMS, STNTrainer
 
 __all__ = ["HyperLinear", "HyperConv2d", "HyperLSTM", "HyperEmbedding", "HyperDropout",
            "HyperContext", "STNSequential", "from_sequential", "dropout", "Augmentation",
-           "augment", "STNTrainer", "OPTIMIZER_HPARAMS"]
+           "augment", "text", "STNTrainer", "OPTIMIZER_HPARAMS"]
