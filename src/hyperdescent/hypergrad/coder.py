@@ -170,7 +170,7 @@ class RansBuffer:
         else:
             slot = x & (PRECISION - 1)
             # the largest digit whose interval starts at or below the slot
-            sym = ((slot + 1) * base - 1) >> PRECISION_BITS
+            sym = (slot * base + (base - 1)) >> PRECISION_BITS
             start, freq = self._interval(sym, base)
             x = freq * (x >> PRECISION_BITS) + slot - start
         need = x < HEAD_LOW

@@ -149,8 +149,9 @@ def to_fixed(x: torch.Tensor, scale: torch.Tensor, layout: Layout, what: str, t:
     """floor(x·2^radix) as int64, after checking that x is finite and in range (a float cast
     to int64 out of range gives garbage silently)."""
     y = x * scale
-    # NaN fails the comparison too, so one reduction covers both checks when all is well
-    if not float(y.abs().max()) < INT_LIMIT:
+    lo, hi = torch.aminmax(y)
+    # NaN fails the comparisons too, so one reduction covers both checks when all is well
+    if not (-INT_LIMIT < float(lo) and float(hi) < INT_LIMIT):
         _check_range(x, what, layout, t)
         _check_range(y, what, layout, t, limit=INT_LIMIT)
     return torch.floor(y).to(torch.int64)
@@ -162,7 +163,8 @@ def to_float(i: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
 
 
 def _check_int(i: torch.Tensor, what: str, layout: Layout, t: int) -> torch.Tensor:
-    if not int(i.abs().max()) < INT_LIMIT:
+    lo, hi = torch.aminmax(i)
+    if not (-INT_LIMIT < int(lo) and int(hi) < INT_LIMIT):
         raise FixedPointOverflowError(
             f"{what} at step {t} overflows the int64 fixed-point range in parameter(s) "
             f"{layout.which(i.abs() >= INT_LIMIT)}; raise headroom_bits or lower the "
