@@ -159,7 +159,7 @@ def test_schedule_and_retrain_stretch_blocks_by_fraction_of_training():
 def test_adam_on_raw_coordinates_for_reverse():
     space = hd.Space({"lr": hd.Real(0.05, low=1e-4, high=1.0, log=True),
                       "weight_decay": hd.Real(1e-3, low=1e-6, high=0.1, log=True)})
-    off = OfflineTuner(make_problem(space), method="reverse", steps=5, meta_steps=2,
+    off = OfflineTuner(make_problem(space), method="reverse", steps=3, meta_steps=2,
                        meta_lr=0.1)
     off.run()
     assert off.config["meta_optimizer"] == "adam"
@@ -206,3 +206,22 @@ def test_bad_input_names_it():
     if "reversible" not in HG_METHODS:
         with pytest.raises(hd.HyperparameterError, match="reversible"):
             OfflineTuner(prob, method="reversible", steps=4)
+
+
+def test_compare_kind_fds_logs_meta_steps_and_plots_schedules(tmp_path):
+    from hyperdescent.experiment import run_method, validate_config
+    from hyperdescent.report.schedules import plot_offline_schedules
+    cfg = validate_config({
+        "name": "fds-tiny", "task": "cancer_logreg", "seeds": [0], "steps": 12,
+        "budget": {"inner_steps": 100}, "space": {"lr": {"schedule": 3}},
+        "methods": [{"label": "FDS", "kind": "fds", "settings": {"meta_steps": 2}}]})
+    recs = []
+    run_method(hd.tasks.get("cancer_logreg"), cfg, cfg.methods[0], 0, recs.append)
+    metas = [r for r in recs if r["kind"] == "meta_step"]
+    assert [r["meta_step"] for r in metas] == [0, 1] and len(metas[0]["hparams"]["lr"]) == 3
+    end = recs[-1]
+    assert end["kind"] == "run_end" and end["inner_steps"] == 3 * 12 and 0 <= end["test_acc"] <= 1
+    assert plot_offline_schedules(tmp_path / "s.png", cfg, recs).is_file()
+    with pytest.raises(hd.ConfigError, match="meta_rate"):
+        validate_config({**cfg.model_dump(), "methods": [
+            {"label": "F", "kind": "fds", "settings": {"meta_rate": 1}}]})

@@ -50,8 +50,10 @@ else:  # pragma: no cover - Python 3.10 needs the tomli backport
         tomllib = None
 
 GRADIENT_KINDS = {"oho": "forward", "greedy": "greedy", "truncated": "truncated"}
+OFFLINE_KINDS = ("fds",)  # OfflineTuner: meta-steps over whole runs (offline_runner.py)
+STN_KINDS = ("stn",)  # STNTrainer: dropout (and input noise) tuned in one run (stn_runner.py)
 BLACKBOX_KINDS = ("random", "grid", "tpe", "gp", "cmaes", "qmc")
-KINDS = (*GRADIENT_KINDS, *BLACKBOX_KINDS)
+KINDS = (*GRADIENT_KINDS, *OFFLINE_KINDS, *STN_KINDS, *BLACKBOX_KINDS)
 PRUNERS = ("median", "successive_halving", "hyperband")
 # hyperparameters both kinds of method can set: the arguments of the tasks' optimizers
 HPARAM_NAMES = TASK_HPARAMS
@@ -70,6 +72,11 @@ def gradient_settings() -> list[str]:
     names = [n for n in inspect.signature(OnlineTuner.__init__).parameters
              if n not in ("self", "problem", "method")]
     return names + list(_GRADIENT_EXTRA)
+
+
+def _offline_settings() -> list[str]:
+    from .offline_runner import offline_settings
+    return offline_settings()
 
 
 class _Strict(BaseModel):
@@ -112,8 +119,8 @@ class Method(_Strict):
 
     @property
     def gradient(self) -> bool:
-        """True for OnlineTuner kinds (oho, greedy, truncated)."""
-        return self.kind in GRADIENT_KINDS
+        """True for gradient kinds: OnlineTuner's (oho, greedy, truncated) and OfflineTuner's (fds)."""
+        return self.kind in GRADIENT_KINDS or self.kind in OFFLINE_KINDS or self.kind in STN_KINDS
 
     @model_validator(mode="after")
     def _check(self) -> Method:
@@ -121,7 +128,11 @@ class Method(_Strict):
             raise ValueError(
                 f"pruner: a pruner applies to black-box kinds {list(BLACKBOX_KINDS)} only, not "
                 f"to kind {self.kind!r}")
-        allowed = gradient_settings() if self.gradient else list(_BLACKBOX_SETTINGS)
+        allowed = (_offline_settings() if self.kind in OFFLINE_KINDS else gradient_settings()) \
+            if self.gradient else list(_BLACKBOX_SETTINGS)
+        if self.kind in STN_KINDS:
+            from .stn_runner import stn_settings
+            allowed = stn_settings()
         for key in self.settings:
             if key not in allowed:
                 raise ValueError(f"settings.{key}: unknown setting for kind {self.kind!r}; "

@@ -311,6 +311,12 @@ def run_blackbox(task: Task, cfg: Config, method: Method, seed: int, log: Log) -
 
 def run_method(task: Task, cfg: Config, method: Method, seed: int, log: Log) -> dict[str, Any]:
     """Run `method` for `seed` on `task` under `cfg.budget`, logging records; returns run_end."""
+    if method.kind == "fds":
+        from .offline_runner import run_offline
+        return run_offline(task, cfg, method, seed, log)
+    if method.kind == "stn":
+        from .stn_runner import run_stn
+        return run_stn(task, cfg, method, seed, log)
     if method.gradient:
         return run_gradient(task, cfg, method, seed, log)
     return run_blackbox(task, cfg, method, seed, log)

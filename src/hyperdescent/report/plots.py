@@ -288,6 +288,11 @@ def plot_blackbox(path: Path, cfg: Config, records: list[dict]) -> Path | None:
     return path
 
 
+def _offline(path: Path, cfg: Config, records: list[dict]) -> Path | None:
+    from .schedules import plot_offline_schedules
+    return plot_offline_schedules(path, cfg, records)
+
+
 def make_plots(run_dir: Path, cfg: Config, records: list[dict], summary: dict) -> dict[str, Path]:
     """Write every plot that has data into `run_dir`; returns key -> PNG path."""
     run_dir = Path(run_dir)
@@ -299,6 +304,7 @@ def make_plots(run_dir: Path, cfg: Config, records: list[dict], summary: dict) -
                                            summary, "inner_steps"),
         "hparam_trajectories": plot_hparams(run_dir / "hparam_trajectories.png", cfg, records),
         "blackbox_samples": plot_blackbox(run_dir / "blackbox_samples.png", cfg, records),
+        "offline_schedules": _offline(run_dir / "offline_schedules.png", cfg, records),
     }
     for k, p in made.items():
         if p is not None:
