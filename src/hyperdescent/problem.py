@@ -14,6 +14,7 @@ import torch
 from torch.func import functional_call
 
 from . import autodiff
+from . import distributed as dp
 from .data import Batch, ReplayableBatches, StreamBatches, as_tensor_pair
 from .errors import DataError, HyperdescentError, HyperparameterError, NonFiniteError
 from .metrics import evaluate_outputs
@@ -85,16 +86,22 @@ class Problem:
 
     `loss(model_output, target)` is the per-batch loss; `regularizer(params, hp)` is added to
     the training loss. BatchNorm running statistics are carried as state and updated in
-    training mode, never differentiated. dtype and device follow the model.
+    training mode, never differentiated. dtype and device follow the model. With
+    distributed=True (under torchrun, or in an initialized process group) each rank takes its
+    1/world share of every batch and `reduce` averages every derivative over the ranks, so all
+    ranks keep rank 0's initial weights and the same trajectory (BatchNorm statistics stay per
+    rank).
     """
 
     def __init__(self, model: torch.nn.Module, loss: Callable = torch.nn.functional.cross_entropy,
                  optimizer: Optimizer | None = None, space: Space | None = None, train=None,
                  val=None, batch_size: int = 128, val_batch_size: int = 512, seed: int = 0,
-                 regularizer: Callable | None = None, test=None, eval_mode: bool = True):
+                 regularizer: Callable | None = None, test=None, eval_mode: bool = True,
+                 distributed: bool = False):
         if train is None or val is None:
             raise DataError("hd.Problem needs both train= and val= datasets")
         self.model = model
+        self.distributed = dp.setup(model) if distributed else False
         self.loss_fn = loss
         self.optimizer = optimizer if optimizer is not None else SGD(lr=0.1)
         self.space = space if space is not None else Space({})
@@ -148,11 +155,11 @@ class Problem:
 
     def train_batch(self, t: int) -> Batch:
         """Training batch t (a pure function of (seed, t) for tensor data)."""
-        return self.train_data(t)
+        return dp.shard(self.train_data(t), "train") if self.distributed else self.train_data(t)
 
     def val_batch(self, t: int) -> Batch:
         """Validation batch t (the whole set when val_batch_size >= len(val))."""
-        return self.val_data(t)
+        return dp.shard(self.val_data(t), "val") if self.distributed else self.val_data(t)
 
     # -- hyperparameters -------------------------------------------------------------------
     def _check_space_names(self):
@@ -236,7 +243,8 @@ class Problem:
             out = self.forward(params, buffers, x, False)
         else:
             out = self.forward(params, {n: b.clone() for n, b in buffers.items()}, x, True)
-        return self.loss_fn(out, y)
+        loss = self.loss_fn(out, y)
+        return dp.mean_all_reduce([loss])[0] if self.distributed else loss
 
     def init_state(self, params: Params | None = None) -> InnerState:
         """s_0: the model's initial weights, a fresh optimizer state, the initial buffers."""
@@ -251,7 +259,7 @@ class Problem:
     def reduce(self, tensors: tuple) -> tuple:
         """Combine per-process derivatives (identity in one process; a mean all-reduce under
         data parallelism, where each process holds its share of every batch)."""
-        return tensors
+        return dp.mean_all_reduce(tensors) if self.distributed else tensors
 
     def vjp(self, outputs, inputs, grad_outputs, retain_graph: bool = False,
             create_graph: bool = False) -> tuple[torch.Tensor | None, ...]:
@@ -276,6 +284,8 @@ class Problem:
             loss, new_buffers = self.train_loss(params, buffers, batch, hp)
             got = self.grad(loss, list(params.values()) + list(wrt.values()),
                             create_graph=create_graph)
+        if self.distributed:
+            loss = dp.mean_value(loss)
         return (loss, dict(zip(params, got[:len(params)])), new_buffers,
                 dict(zip(wrt, got[len(params):])))
 
@@ -331,7 +341,8 @@ class Problem:
                         for k, v in hp.items()}
                 new_params, new_opt = self.optimizer.update(
                     {n: p.detach() for n, p in params.items()}, state.opt, grads, hp_d)
-        return InnerState(new_params, new_opt, buffers, state.t + 1), loss.detach()
+        loss = dp.mean_value(loss.detach()) if self.distributed else loss.detach()
+        return InnerState(new_params, new_opt, buffers, state.t + 1), loss
 
     def evaluate(self, params: Params, buffers: Params, which: str = "val") -> dict[str, float]:
         """Loss and accuracy of the whole val or test split (no graph)."""

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..distributed import is_writer
 from ..errors import ConfigError
 
 FORMAT_VERSION = 1
@@ -30,7 +31,10 @@ def copy_record(x: Any) -> Any:
 
 
 def save_record(path: str | Path, record: Mapping[str, Any], kind: str) -> None:
-    """Write `record` to `path` atomically, tagged with its tuner `kind` and the format version."""
+    """Write `record` to `path` atomically, tagged with its tuner `kind` and the format version
+    (on rank 0 only under data parallelism: every rank holds the same record)."""
+    if not is_writer():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

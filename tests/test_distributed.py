@@ -1,0 +1,127 @@
+"""Data parallelism: 2 CPU processes (gloo) equal one process on the whole batch, in float64.
+
+Each rank takes half of every training and validation batch; the online tuner's hyperparameter
+trajectory and final weights, and a forward and a reverse hypergradient, must equal a single
+process on the same global batches to 1e-6 relative.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import hyperdescent as hd
+from hyperdescent import distributed as dp
+from hyperdescent.errors import DataError, HyperdescentError
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+WORLD = 2
+STEPS = 12
+
+
+def _problem(distributed: bool, batch_size: int = 12, optimizer=None) -> hd.Problem:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(72, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (72,), generator=g)
+    # a different initialisation on each rank: rank 0's weights are broadcast at construction
+    torch.manual_seed(1 + (dp.rank() if distributed else 0))
+    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(),
+                                torch.nn.Linear(10, 3)).double()
+    space = hd.Space({"lr": hd.Real(0.2, low=1e-4, high=2.0, log=True),
+                      "weight_decay": hd.Real(1e-3, low=1e-6, high=1e-1, log=True)})
+    return hd.Problem(model, optimizer=optimizer or hd.optim.SGD(momentum=0.9), space=space,
+                      train=(x[:48], y[:48]), val=(x[48:], y[48:]), batch_size=batch_size,
+                      val_batch_size=24, distributed=distributed)
+
+
+def _results(distributed: bool) -> dict:
+    """Everything the test compares, from one process or from one rank."""
+    out = {}
+    tuner = hd.OnlineTuner(_problem(distributed), method="forward", meta_lr=0.05)
+    tuner.run(steps=STEPS)
+    out["online_hparams"] = torch.tensor([[r["hparams"]["lr"], r["hparams"]["weight_decay"]]
+                                          for r in tuner.history], dtype=torch.float64)
+    out["online_train_loss"] = torch.tensor([r["train_loss"] for r in tuner.history],
+                                            dtype=torch.float64)
+    out["online_weights"] = torch.cat([p.reshape(-1) for p in tuner.state.params.values()])
+    for method in ("forward", "reverse"):
+        res = hd.hypergrad(_problem(distributed), steps=8, method=method)
+        out[f"{method}_grad"] = torch.stack([res.grad["lr"], res.grad["weight_decay"]])
+        out[f"{method}_value"] = torch.tensor(res.value, dtype=torch.float64)
+    adam = hd.hypergrad(_problem(distributed, optimizer=hd.optim.Adam()), steps=6,
+                        method="reverse", hparams={"lr": 0.01})
+    out["reverse_adam_grad"] = torch.stack([adam.grad["lr"], adam.grad["weight_decay"]])
+    return out
+
+
+def _worker(rank: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank,
+                            world_size=WORLD)
+    try:
+        torch.save(_results(True), os.path.join(tmp, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("dp"))
+    # fork: the children inherit the imported library instead of importing it again
+    mp.start_processes(_worker, args=(tmp,), nprocs=WORLD, join=True, start_method="fork")
+    return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def single():
+    return _results(False)
+
+
+@pytest.mark.parametrize("key", ["online_hparams", "online_train_loss", "online_weights",
+                                 "forward_grad", "forward_value", "reverse_grad",
+                                 "reverse_value", "reverse_adam_grad"])
+def test_two_ranks_equal_one_process_on_the_whole_batch(ranks, single, key):
+    want = single[key]
+    assert want.abs().max() > 0
+    for got in ranks:
+        torch.testing.assert_close(got[key], want, rtol=1e-6, atol=1e-12)
+
+
+def test_the_trajectory_moved(single):
+    # the comparison above means something only if the tuner changed its hyperparameters
+    hp = single["online_hparams"]
+    assert (hp[-1] - hp[0]).abs().max() > 1e-4
+
+
+def test_ranks_take_disjoint_halves_of_each_batch(monkeypatch):
+    monkeypatch.setattr(dp, "world_size", lambda: 2)
+    x, y = torch.arange(12.0).reshape(6, 2), torch.arange(6)
+    parts = []
+    for r in range(2):
+        monkeypatch.setattr(dp, "rank", lambda r=r: r)
+        parts.append(dp.shard((x, y), "train"))
+    assert torch.equal(torch.cat([p[0] for p in parts]), x)
+    assert torch.equal(torch.cat([p[1] for p in parts]), y)
+    with pytest.raises(DataError, match="train"):
+        dp.shard((x[:5], y[:5]), "train")
+
+
+def test_distributed_without_a_process_group_or_torchrun_is_refused(monkeypatch):
+    for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(v, raising=False)
+    with pytest.raises(HyperdescentError, match="torchrun"):
+        _problem(True)
+
+
+def test_only_rank_zero_writes(monkeypatch, tmp_path):
+    from hyperdescent.tuners.record import save_record
+    monkeypatch.setattr(dp, "rank", lambda: 1)
+    save_record(tmp_path / "r.pt", {"a": torch.ones(1)}, "OnlineTuner")
+    assert not (tmp_path / "r.pt").exists()
+    monkeypatch.setattr(dp, "rank", lambda: 0)
+    save_record(tmp_path / "r.pt", {"a": torch.ones(1)}, "OnlineTuner")
+    assert (tmp_path / "r.pt").exists()
