@@ -2,7 +2,7 @@
 
 Each rank takes half of every training and validation batch; the online tuner's hyperparameter
 trajectory and final weights, and a forward and a reverse hypergradient, must equal a single
-process on the same global batches to 1e-6 relative.
+process on the same global batches to 1e-6 relative, and so must OfflineTuner(method="fds").
 """
 
 import os
@@ -52,6 +52,9 @@ def _results(distributed: bool) -> dict:
         res = hd.hypergrad(_problem(distributed), steps=8, method=method)
         out[f"{method}_grad"] = torch.stack([res.grad["lr"], res.grad["weight_decay"]])
         out[f"{method}_value"] = torch.tensor(res.value, dtype=torch.float64)
+    fds = hd.OfflineTuner(_problem(distributed), method="fds", steps=6, meta_steps=2)
+    fds.run()
+    out["fds_hparams"] = torch.stack([fds.hparams["lr"], fds.hparams["weight_decay"]])
     adam = hd.hypergrad(_problem(distributed, optimizer=hd.optim.Adam()), steps=6,
                         method="reverse", hparams={"lr": 0.01})
     out["reverse_adam_grad"] = torch.stack([adam.grad["lr"], adam.grad["weight_decay"]])
@@ -83,7 +86,7 @@ def single():
 
 @pytest.mark.parametrize("key", ["online_hparams", "online_train_loss", "online_weights",
                                  "forward_grad", "forward_value", "reverse_grad",
-                                 "reverse_value", "reverse_adam_grad"])
+                                 "reverse_value", "reverse_adam_grad", "fds_hparams"])
 def test_two_ranks_equal_one_process_on_the_whole_batch(ranks, single, key):
     want = single[key]
     assert want.abs().max() > 0

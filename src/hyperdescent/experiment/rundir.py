@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..distributed import is_writer
 from ..errors import ConfigError
 from .config import Config, dump_config, load_config
 
@@ -94,7 +95,8 @@ class RunDir:
     def write_config(self, cfg: Config) -> Path:
         """Write config.toml (the validated config, reloadable by `load_config`)."""
         p = self.path / CONFIG
-        p.write_text(dump_config(cfg))
+        if is_writer():
+            p.write_text(dump_config(cfg))
         return p
 
     def config(self) -> Config:
@@ -102,7 +104,10 @@ class RunDir:
         return load_config(self.path / CONFIG)
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append one record to metrics.jsonl and make it durable (flush + fsync)."""
+        """Append one record to metrics.jsonl and make it durable (flush + fsync); under data
+        parallelism only rank 0 writes."""
+        if not is_writer():
+            return
         if self._metrics is None:
             self._metrics = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115
         self._metrics.write(json.dumps(jsonable(record), allow_nan=False) + "\n")
@@ -116,7 +121,8 @@ class RunDir:
     def write_summary(self, summary: dict[str, Any]) -> Path:
         """Write summary.json."""
         p = self.path / SUMMARY
-        p.write_text(json.dumps(jsonable(summary), indent=2, allow_nan=False) + "\n")
+        if is_writer():
+            p.write_text(json.dumps(jsonable(summary), indent=2, allow_nan=False) + "\n")
         return p
 
     def close(self) -> None:

@@ -137,6 +137,9 @@ class ForwardTangent:
                 raise HyperparameterError(f"{name} must be a number > 0 or None, got {c!r}")
         if compile and (clamp_grad is not None or clamp_hz is not None):
             raise HyperparameterError("clamp_grad / clamp_hz are not supported with compile=True")
+        if compile and getattr(problem, "distributed", False):
+            raise HyperparameterError("compile=True takes its gradient inside the compiled step, "
+                                      "outside the all-reduce of distributed=True; use compile=False")
         self.clamp_grad, self.clamp_hz = clamp_grad, clamp_hz
         self.hvps = 0  # Hessian-vector products this engine has computed (a count, for stats)
         self._directions: dict[tuple, tuple] = {}

@@ -260,7 +260,7 @@ class OfflineTuner:
         sub = Problem(model, loss=p.loss_fn, optimizer=p.optimizer, space=p.space, train=train,
                       val=val, test=test, batch_size=p.batch_size, val_batch_size=val_bs,
                       seed=seed_m if cfg["reshuffle"] else p.seed, regularizer=p.regularizer,
-                      eval_mode=p.eval_mode)
+                      eval_mode=p.eval_mode, distributed=p.distributed)
         sub.set_hparams(self.hparams)
         return sub
 
