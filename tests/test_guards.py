@@ -244,6 +244,10 @@ def test_meta_steps_are_projected_onto_the_bounds():
     lr, wd = tuner.hparams["lr"].item(), tuner.hparams["weight_decay"].item()
     assert lr == pytest.approx(1e-3, rel=1e-9) or lr == pytest.approx(0.1, rel=1e-9)
     assert wd == pytest.approx(1e-4, rel=1e-9) or wd == pytest.approx(1e-2, rel=1e-9)
+    # natural values are clamped anyway; the projection keeps the raw coordinates on the
+    # bound, so that a step back leaves the bound at once (unprojected: log(0.01) +- 5)
+    for name, value in (("lr", lr), ("weight_decay", wd)):
+        assert tuner.raw[name].item() == pytest.approx(math.log(value), abs=1e-12), name
     # and the next step's record uses the projected value
     rec = drive(tuner, loss, 2)[0]
     assert 1e-3 <= rec["hparams"]["lr"] <= 0.1
