@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 from helpers import bn_convnet, dot, fd_directional, image_data, logreg, mlp, problem
+from helpers import data as helpers_data
 
 import hyperdescent as hd
 from hyperdescent.errors import HyperparameterError, NonFiniteError
@@ -279,3 +280,37 @@ def test_refuses_other_optimizers_and_buffers():
                 hd.optim.SGD(momentum=0.9))
     with pytest.raises(HyperparameterError, match="momentum"):
         hd.hypergrad(p, steps=2, method="reversible", hparams={"momentum": 1e-7})
+
+
+def _value(model, x, y, space, opt, val):
+    p = hd.Problem(model, optimizer=opt, space=space, train=(x, y), val=val, batch_size=16,
+                   seed=3)
+    return hd.hypergrad(p, steps=STEPS, method="greedy").value
+
+
+def test_initial_weight_scales_and_training_inputs_match_finite_differences():
+    """dE/d(scale of a layer's initial weights) and dE/dX_train along a direction, against
+    central differences of the float64 run (momentum 0.875 is exact as n/2^16)."""
+    space, opt = hd.Space({"lr": LR}), hd.optim.SGD(momentum=0.875, weight_decay=1e-3)
+    x, y = helpers_data()
+    val = (x[:20] + 0.1, y[:20])
+    p = hd.Problem(mlp(), optimizer=opt, space=space, train=(x, y), val=val, batch_size=16,
+                   seed=3)
+    res = hd.hypergrad(p, steps=STEPS, method="reversible", initial_grad=True, inputs_grad=True)
+    assert res.stats["reversal_exact"]
+    h = 1e-6
+    for layer in ("0.weight", "2.weight"):
+        vals = []
+        for sign in (1, -1):
+            m = mlp()
+            with torch.no_grad():
+                dict(m.named_parameters())[layer].mul_(1 + sign * h)
+            vals.append(_value(m, x, y, space, opt, val))
+        fd = (vals[0] - vals[1]) / (2 * h)
+        assert res.stats["init_scale_grad"][layer] == pytest.approx(fd, rel=1e-5, abs=1e-9)
+    direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(5),
+                            dtype=x.dtype)
+    fd = (_value(mlp(), x + h * direction, y, space, opt, val)
+          - _value(mlp(), x - h * direction, y, space, opt, val)) / (2 * h)
+    got = float((res.stats["train_inputs_grad"] * direction).sum())
+    assert got == pytest.approx(fd, rel=1e-5, abs=1e-9)

@@ -156,10 +156,12 @@ def forward_pass(problem: Problem, steps: int, values: dict, fixed_mu: float,
     return run
 
 
-def reverse_pass(run: Run) -> tuple[float, dict[str, torch.Tensor], bool]:
-    """(E(θ_T), dE/dλ per flat leaf, whether s_0 and the buffer came back bit for bit):
-    Algorithm 2 of Maclaurin et al. 2015, the adjoints backpropagated through each step by
-    one vector-Jacobian product."""
+def reverse_pass(run: Run, initial_grad: bool = False, inputs_grad: bool = False
+                 ) -> tuple[float, dict[str, torch.Tensor], bool, dict]:
+    """(E(θ_T), dE/dλ per flat leaf, whether s_0 and the buffer came back bit for bit, extra
+    gradients): Algorithm 2 of Maclaurin et al. 2015, the adjoints backpropagated through each
+    step by one vector-Jacobian product. initial_grad adds dE/dθ_0 (Sec. 3.3's initial-weight
+    scales); inputs_grad adds dE/dX of the training inputs (Sec. 3.4's learned training set)."""
     problem, T, layout, fx, lanes = run.problem, run.steps, run.layout, run.fx, run.lanes
     theta, v, buffer = run.theta, run.v, run.buffer
     theta_leaf = rsgd.to_float(theta, fx.theta_inv).requires_grad_(True)
@@ -171,12 +173,17 @@ def reverse_pass(run: Run) -> tuple[float, dict[str, torch.Tensor], bool]:
     lam_list = list(lam.values())
     values_g = unflatten(lam, run.values)
     grads = [torch.zeros_like(x) for x in lam_list]
+    data = problem.train_data
+    dx = torch.zeros_like(data.x) if inputs_grad else None
     for t in range(T - 1, -1, -1):
         hp_g = problem.hp_at(values_g, t, T)
         lr, wd, _, n = lanes(_detached(hp_g))
         theta = rsgd.unstep_position(theta, v, lr, fx, t)
+        batch = problem.train_batch(t)
+        if inputs_grad:
+            batch = (batch[0].detach().requires_grad_(True), batch[1])
         theta_f, g = _flat_grad(problem, layout, rsgd.to_float(theta, fx.theta_inv),
-                                problem.train_batch(t), hp_g, create_graph=True)
+                                batch, hp_g, create_graph=True)
         # the forward pass took this gradient without a graph: the values are the same bits
         direction = rsgd.decayed_gradient(g.detach(), theta_f.detach(), wd)
         v = rsgd.unstep_velocity(v, direction, n, fx, buffer, t, lanes.denom)
@@ -188,19 +195,35 @@ def reverse_pass(run: Run) -> tuple[float, dict[str, torch.Tensor], bool]:
             if vel is not None:
                 new_v = new_v + mu_g * vel
             new_theta = theta_f - lr_g * new_v
-        wrt = [theta_f, vel] if vel is not None else []
-        got = problem.vjp([new_theta, new_v], wrt + lam_list, [dtheta, dv])
+        wrt = [theta_f, vel] if vel is not None else [theta_f] if initial_grad else []
+        extra = [batch[0]] if inputs_grad else []
+        got = problem.vjp([new_theta, new_v], wrt + extra + lam_list, [dtheta, dv])
         if t == T - 1 or t % 64 == 0:
             sample_memory()
+        if wrt:
+            dtheta = got[0] if got[0] is not None else torch.zeros_like(dtheta)
         if vel is not None:
-            dtheta, dv = got[0], got[1]
-        for j, gj in enumerate(got[len(wrt):]):
+            dv = got[1] if got[1] is not None else torch.zeros_like(dv)
+        if inputs_grad and got[len(wrt)] is not None:
+            if data.full:
+                dx += got[len(wrt)]
+            else:
+                dx.index_add_(0, data.indices(t), got[len(wrt)])
+        for j, gj in enumerate(got[len(wrt) + len(extra):]):
             if gj is not None:
                 grads[j] = grads[j] + gj
     run.theta, run.v = theta, v
     exact = bool(torch.equal(theta, run.theta_start) and not bool(v.any())
                  and buffer.matches(run.buffer_start))
-    return float(value), dict(zip(lam, grads)), exact
+    extras = {}
+    if initial_grad:
+        extras["initial_weights_grad"] = {k: x.clone() for k, x in layout.split(dtheta).items()}
+        # d/ds of E with the layer's initial weights scaled by s, at s = 1
+        extras["init_scale_grad"] = {k: float((x * problem.params0[k]).sum())
+                                     for k, x in extras["initial_weights_grad"].items()}
+    if inputs_grad:
+        extras["train_inputs_grad"] = dx
+    return float(value), dict(zip(lam, grads)), exact, extras
 
 
 def prepare(problem: Problem, values: dict | None, momentum_denom: int, headroom_bits: int
@@ -218,14 +241,18 @@ def prepare(problem: Problem, values: dict | None, momentum_denom: int, headroom
 
 
 def reversible(problem: Problem, steps: int, values: dict | None = None, *,
-               headroom_bits: int = 10, momentum_denom: int = rsgd.MOMENTUM_DENOM
-               ) -> HypergradResult:
-    """dE(θ_T)/dλ by exact reversal of SGD with momentum (Maclaurin et al. 2015, Alg. 2)."""
+               headroom_bits: int = 10, momentum_denom: int = rsgd.MOMENTUM_DENOM,
+               initial_grad: bool = False, inputs_grad: bool = False) -> HypergradResult:
+    """dE(θ_T)/dλ by exact reversal of SGD with momentum (Maclaurin et al. 2015, Alg. 2);
+    initial_grad / inputs_grad add dE/dθ_0 (and per-layer initial-scale gradients) and
+    dE/dX_train to the stats."""
     values, mu_used = prepare(problem, values, momentum_denom, headroom_bits)
     fixed_mu = mu_used if isinstance(mu_used, float) else 0.0
     with CostMeter(problem.device) as meter:
         run = forward_pass(problem, steps, values, fixed_mu, headroom_bits, momentum_denom)
-        value, grads, exact = reverse_pass(run)
+        if inputs_grad and getattr(problem.train_data, "x", None) is None:
+            raise HyperparameterError("inputs_grad=True needs the training set as tensors")
+        value, grads, exact, extras = reverse_pass(run, initial_grad, inputs_grad)
         meter.hvps = max(0, int(steps) - 1)
     P, T = run.layout.numel, int(steps)
     stats = meter.stats(
@@ -233,5 +260,5 @@ def reversible(problem: Problem, steps: int, values: dict | None = None, *,
         buffer_bits_per_param_step=run.buffer_bits / (P * T),
         buffer_peak_mb=(64 * P + 32 * run.buffer.peak_words) / 8 / 2 ** 20,
         momentum_used=mu_used, momentum_denom=momentum_denom, theta_radix=run.fx.theta_radix,
-        velocity_radix=run.fx.v_radix)
+        velocity_radix=run.fx.v_radix, **extras)
     return finish(problem, values, value, grads, stats)
