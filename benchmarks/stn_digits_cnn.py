@@ -1,7 +1,7 @@
 """STN vs random search vs TPE at equal wall time: a small CNN on 8x8 digits with dropout and
 continuous (noise, translation) and discrete (cutout holes and length) augmentation tuned.
 
-Run: .venv/bin/python benchmarks/stn_digits_cnn.py [--steps 1500] [--seeds 0 1 2]
+Run: .venv/bin/python benchmarks/stn_digits_cnn.py [--steps 1000] [--seeds 0 1 2]
 Each seed: one STN run (Δ-STN parameterisation) of `steps` weight steps, timed; then
 hd.blackbox.search with sampler "random" and "tpe" under that wall time as timeout, each trial a
 plain training run of the same `steps`. Compares the val and test loss of the STN's final model
@@ -30,7 +30,7 @@ from hyperdescent.tasks.prep import split_indices
 RESULTS = Path(__file__).parent / "results"
 DROPS = ["dropout1", "dropout2"]
 
-BENCH_ARGS = ["--steps", "1500"]
+BENCH_ARGS = ["--steps", "1000"]
 BENCH_QUICK_ARGS = ["--steps", "100", "--seeds", "0"]
 
 
@@ -115,7 +115,7 @@ def run_search(task, seed, sampler, timeout, args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--hyper-lr", type=float, default=0.01)
