@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint clean mutate
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,3 +29,11 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# mutation testing (not part of CI: tens of minutes): mutmut over hypergrad/, optim/, tuners/
+# with the fast test selection of pyproject.toml, report in benchmarks/results/mutation.md
+mutate: setup
+	$(PIP) install -q mutmut==3.8.1
+	rm -rf mutants
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 || true
+	$(PY) benchmarks/mutation_report.py benchmarks/results/mutation.md
