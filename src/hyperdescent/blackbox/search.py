@@ -23,6 +23,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from ..errors import ConfigError
 from ..space import BoundSpace, Space
 from .distributions import assemble, bind_space, grid_search_space, space_to_distributions
+from .storage import shared_storage
 
 SAMPLERS = ("random", "grid", "tpe", "gp", "cmaes", "qmc")
 PRUNERS = ("none", "median", "successive_halving", "hyperband")
@@ -170,7 +171,7 @@ def search(objective: Objective, space: Space | BoundSpace,
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study = optuna.create_study(
-            storage=storage, sampler=build_sampler(seed),
+            storage=shared_storage(storage), sampler=build_sampler(seed),
             pruner=make_pruner(pruner, **dict(pruner_kwargs or {})),
             study_name=study_name, direction=direction, load_if_exists=load_if_exists)
         if study.direction.name.lower() != direction:
