@@ -259,6 +259,8 @@ def test_space_errors_name_the_input():
                        train, val, **opts)
     with pytest.raises(HyperparameterError, match="does not declare"):
         stn.STNTrainer(model, hd.Space({"dropout": SPACE["dropout"]}), train, val, **opts)
+    with pytest.raises(HyperparameterError, match="grad_clip"):
+        stn.STNTrainer(model, SPACE, train, val, grad_clip=0, **opts)
 
 
 def test_save_load_mid_run_is_bit_identical(tmp_path):
@@ -325,7 +327,35 @@ def test_char_lm_on_python_corpus_trains_with_stn():
     space = hd.Space({n: hd.Real(0.2, low=0.0, high=0.9) for n in names})
     model = stn.text.hyper_lstm_lm(len(vocab), 4, embed=8, hidden=12, seed=0, dtype=D)
     tr = stn.STNTrainer(model, space, train, val, loss=stn.text.lm_loss, batch_size=8,
-                        lr=0.5, momentum=0.0, warmup_steps=2, seed=0)
+                        lr=0.5, momentum=0.0, warmup_steps=2, grad_clip=1.0, seed=0)
     before = tr.evaluate("val")["loss"]
     tr.run(8)
     assert tr.hyper_t == 3 and tr.evaluate("val")["loss"] < before
+
+
+# -- experiment harness ----------------------------------------------------------------------
+def test_compare_runs_kind_stn_beside_random_search(tmp_path):
+    import json
+
+    from hyperdescent.errors import ConfigError
+    from hyperdescent.experiment import compare, validate_config
+
+    cfg = validate_config({
+        "name": "stn-tiny", "task": "digits_logreg", "seeds": [0], "steps": 24,
+        "budget": {"trials": 1},
+        "methods": [{"label": "STN", "kind": "stn",
+                     "settings": {"dropout": 0.2, "noise": 0.1, "warmup_steps": 4,
+                                  "eval_every": 8}},
+                    {"label": "random", "kind": "random"}]})
+    path = compare(cfg, out=tmp_path / "r", progress=False)
+    summary = json.loads((path / "summary.json").read_text())
+    assert summary["complete"] and set(summary["methods"]) == {"STN", "random"}
+    records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    end = [r for r in records if r["kind"] == "run_end" and r["method"] == "STN"][0]
+    assert end["inner_steps"] == 24 and end["hyper_steps"] == 10
+    assert set(end["final_hparams"]) == {"dropout0", "noise"}
+    assert "| STN |" in (path / "report.md").read_text()
+    with pytest.raises(ConfigError, match="settings.meta_lr"):
+        validate_config({"task": "digits_logreg", "budget": {"trials": 1},
+                         "methods": [{"label": "S", "kind": "stn",
+                                      "settings": {"meta_lr": 0.1}}]})

@@ -78,7 +78,8 @@ class STNTrainer:
     `model(x, ctx)` takes a batch and a `HyperContext` (e.g. from `hd.stn.from_sequential`); the
     space's names, in order, are the hypernetwork's input columns. The first `warmup_steps`
     weight steps train only the weights (at perturbed λ); after that every `train_steps` weight
-    steps are followed by `val_steps` hyperparameter steps. Weights: SGD(lr, momentum); λ and σ:
+    steps are followed by `val_steps` hyperparameter steps. Weights: SGD(lr, momentum), their
+    gradient norm clipped to `grad_clip` (recurrent models); λ and σ:
     the shared MetaOptimizer (`hyper_optimizer`, `hyper_lr`). Batches, perturbations, masks and
     augmentations are pure functions of (seed, step), so a run restored from `save` and run to the
     same total ends bit-identical.
@@ -93,7 +94,8 @@ class STNTrainer:
                  perturb: bool = True, centred: bool | None = None,
                  augment: Augmentation | None = None,
                  regularizers: Mapping[str, Callable[[nn.Module], torch.Tensor]] | None = None,
-                 clip: float | None = None, guard: Mapping[str, Any] | bool = True,
+                 clip: float | None = None, grad_clip: float | None = None,
+                 guard: Mapping[str, Any] | bool = True,
                  seed: int = 0):
         for name, v, low in (("warmup_steps", warmup_steps, 0), ("train_steps", train_steps, 1),
                              ("val_steps", val_steps, 0), ("batch_size", batch_size, 1)):
@@ -102,6 +104,9 @@ class STNTrainer:
         for name, v in (("lr", lr), ("momentum", momentum), ("tau", tau)):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise HyperparameterError(f"{name} must be a finite number >= 0, got {v!r}")
+        if grad_clip is not None and not (isinstance(grad_clip, (int, float)) and grad_clip > 0):
+            raise HyperparameterError(f"grad_clip must be a positive number or None, got "
+                                      f"{grad_clip!r}")
         if not (isinstance(sigma_init, (int, float)) and sigma_init > 0):
             raise HyperparameterError(f"sigma_init must be > 0, got {sigma_init!r}")
         if augment is not None and not isinstance(augment, Augmentation):
@@ -128,7 +133,8 @@ class STNTrainer:
                            train_steps=train_steps, val_steps=val_steps,
                            hyper_optimizer=hyper_optimizer, hyper_lr=hyper_lr,
                            sigma_init=sigma_init, tau=tau, tune_scale=tune_scale,
-                           perturb=perturb, centred=self.centred, seed=seed)
+                           perturb=perturb, centred=self.centred, grad_clip=grad_clip,
+                           seed=seed)
         self.seed = int(seed)
         self._data = {}
         for split, data in (("train", train), ("val", val), ("test", test)):
@@ -216,6 +222,8 @@ class STNTrainer:
             loss = loss + values[name].mean() * penalty(self.model)
         self.weight_opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.config["grad_clip"] is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config["grad_clip"])
         self.weight_opt.step()
         return float(loss.detach())
 
