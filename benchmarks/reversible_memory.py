@@ -77,19 +77,21 @@ class Plain:
         self.opt = torch.optim.SGD(self.net.parameters(), lr=lr_for(beta), momentum=beta,
                                    weight_decay=WD)
 
-    def seconds_per_step(self, steps=20, blocks=3) -> float:
+    def seconds_per_step(self, steps=20, blocks=3) -> tuple[float, float]:
+        """(wall, process CPU) seconds per step, medians over blocks."""
         F = self.torch.nn.functional
-        out = []
+        walls, cpus = [], []
         for _ in range(blocks):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(steps):
                 x, y = self.problem.train_batch(self.t)
                 self.opt.zero_grad(set_to_none=True)
                 F.cross_entropy(self.net(x), y).backward()
                 self.opt.step()
                 self.t += 1
-            out.append((time.perf_counter() - t0) / steps)
-        return statistics.median(out)
+            walls.append((time.perf_counter() - t0) / steps)
+            cpus.append((time.process_time() - c0) / steps)
+        return statistics.median(walls), statistics.median(cpus)
 
 
 def worker(method: str, beta: float, T: int) -> dict:
@@ -100,16 +102,18 @@ def worker(method: str, beta: float, T: int) -> dict:
     plain.seconds_per_step(5, 1)
     base = rss_mb()
     before = plain.seconds_per_step()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = hd.hypergrad(problem, steps=T, method=method)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     after = plain.seconds_per_step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-    plain_s = statistics.mean([before, after])
+    plain_s = statistics.mean([before[0], after[0]])
+    plain_cpu = statistics.mean([before[1], after[1]])
     n_params = sum(p.numel() for p in problem.params0.values())
     out = {"method": method, "beta": beta, "T": T, "params": n_params, "wall_s": wall,
            "s_per_step": wall / T, "plain_s_per_step": plain_s,
-           "ratio_to_plain": wall / T / plain_s, "plain_before_after": [before, after],
+           "ratio_to_plain": wall / T / plain_s, "plain_before_after": [before[0], after[0]],
+           "cpu_ratio_to_plain": cpu / T / plain_cpu, "plain_cpu_s_per_step": plain_cpu,
            "peak_rss_mb": max(0.0, peak), "value": res.value,
            "grad": {k: float(v) for k, v in res.grad.items()},
            "load_avg": os.getloadavg()[0]}
@@ -154,6 +158,7 @@ def summarise(records: list[dict]) -> list[dict]:
         else:
             rev_mb, est = math.nan, True
         rev_time = rev[T]["ratio_to_plain"] if T in rev else math.nan
+        rev_cpu = rev[T].get("cpu_ratio_to_plain", math.nan) if T in rev else math.nan
         rows.append({
             "beta": beta, "T": T, "reversal_exact": r["reversal_exact"],
             "bits_per_param_step": r["bits_per_param_step"], "bound_log2_1_over_beta": bound,
@@ -165,6 +170,8 @@ def summarise(records: list[dict]) -> list[dict]:
             "reverse_peak_mb": rev_mb, "reverse_peak_estimated": est,
             "reverse_over_reversible_peak": rev_mb / max(r["peak_rss_mb"], 1e-9),
             "ratio_to_plain": r["ratio_to_plain"], "reverse_ratio_to_plain": rev_time,
+            "cpu_ratio_to_plain": r.get("cpu_ratio_to_plain", math.nan),
+            "reverse_cpu_ratio_to_plain": rev_cpu,
             "plain_ms": r["plain_s_per_step"] * 1e3, "load_avg": r["load_avg"]})
     return rows
 
@@ -189,8 +196,8 @@ def markdown(rows: list[dict], records: list[dict], meta: dict) -> str:
         "",
         "| β | T | exact | bits/param-step | bound | target | float32 traj / buffer | "
         "buffer MB | peak MB | reverse peak MB | reverse / reversible peak | time / plain step "
-        "| reverse time / plain | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| reverse time / plain | CPU time / plain (reverse) | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         est = " (est.)" if r["reverse_peak_estimated"] else ""
@@ -200,7 +207,8 @@ def markdown(rows: list[dict], records: list[dict], meta: dict) -> str:
             f"{r['trajectory_over_buffer']:.0f}× | {r['buffer_mb']:.3f} | "
             f"{r['peak_rss_mb']:.1f} | {r['reverse_peak_mb']:.0f}{est} | "
             f"{r['reverse_over_reversible_peak']:.0f}× | {r['ratio_to_plain']:.2f}× | "
-            f"{r['reverse_ratio_to_plain']:.2f}× | {r['load_avg']:.1f} |")
+            f"{r['reverse_ratio_to_plain']:.2f}× | {r['cpu_ratio_to_plain']:.2f}× "
+            f"({r['reverse_cpu_ratio_to_plain']:.2f}×) | {r['load_avg']:.1f} |")
     errors = [r for r in records if "error" in r]
     if errors:
         lines += ["", "Failed cells:", ""]
