@@ -25,7 +25,8 @@ RESULTS = Path(__file__).parent / "results"
 NAMES = ["dropout_emb", "dropout_in", "dropout_hid", "dropout_out"]
 
 BENCH_ARGS = ["--steps", "500"]
-BENCH_QUICK_ARGS = ["--steps", "20", "--chars", "20000", "--grid", "0.1"]
+BENCH_QUICK_ARGS = ["--steps", "20", "--chars", "20000", "--grid", "0.1", "--out",
+                    "/tmp/hyperdescent_quick/stn_charlm.json"]
 
 
 def data(args):

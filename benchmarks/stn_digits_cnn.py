@@ -31,7 +31,7 @@ RESULTS = Path(__file__).parent / "results"
 DROPS = ["dropout1", "dropout2"]
 
 BENCH_ARGS = ["--steps", "1000"]
-BENCH_QUICK_ARGS = ["--steps", "100", "--seeds", "0"]
+BENCH_QUICK_ARGS = ["--steps", "100", "--seeds", "0", "--out", "/tmp/hyperdescent_quick/stn_digits_cnn.json"]
 
 
 def digits_images(seed: int) -> Task:

@@ -26,7 +26,8 @@ NAMES = DROPS + ["noise"]
 GRID = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7]
 
 BENCH_ARGS = ["--steps", "3000"]
-BENCH_QUICK_ARGS = ["--steps", "300", "--starts", "0.3", "--grid", "0.0", "0.3"]
+BENCH_QUICK_ARGS = ["--steps", "300", "--starts", "0.3", "--grid", "0.0", "0.3", "--out",
+                    "/tmp/hyperdescent_quick/stn_mnist1d.json"]
 
 
 def space_from(start: float) -> hd.Space:

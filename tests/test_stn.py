@@ -198,6 +198,16 @@ def test_trainer_runs_and_tunes():
     assert 0 <= ev["acc"] <= 1 and ev["loss"] > 0
 
 
+def test_penalty_coefficient_is_tunable_by_name():
+    model, train, val, opts = _trainer()
+    space = hd.Space({**SPACE, "l2": hd.Real(1e-3, low=1e-6, high=1.0, log=True)})
+    model = stn.from_sequential(_model(), space, dropout=["dropout"], seed=0)
+    tr = stn.STNTrainer(model, space, train, val, **opts,
+                        regularizers={"l2": lambda m: sum((p * p).sum() for p in m.parameters())})
+    tr.run(9)
+    assert tr.hparams["l2"] != pytest.approx(1e-3, rel=1e-9) and 1e-6 <= tr.hparams["l2"] <= 1
+
+
 def test_centred_model_predicts_with_its_elementary_weights():
     model, train, val, opts = _trainer(centred=True)
     tr = stn.STNTrainer(model, SPACE, train, val, **opts)
