@@ -225,3 +225,18 @@ def test_compare_kind_fds_logs_meta_steps_and_plots_schedules(tmp_path):
     with pytest.raises(hd.ConfigError, match="meta_rate"):
         validate_config({**cfg.model_dump(), "methods": [
             {"label": "F", "kind": "fds", "settings": {"meta_rate": 1}}]})
+
+
+@pytest.mark.skipif("reversible" not in HG_METHODS, reason="hd.hypergrad has no 'reversible'")
+def test_reversible_meta_steps_match_reverse():
+    space = hd.Space({"lr": hd.Real(0.05, low=1e-4, high=1.0, log=True),
+                      "weight_decay": hd.Real(1e-3, low=1e-6, high=0.1, log=True)})
+
+    def tuner(method):
+        prob = make_problem(space, optimizer=hd.optim.SGD(momentum=0.5))
+        return OfflineTuner(prob, method=method, steps=4, meta_steps=1, meta_lr=0.1).run()
+
+    rev, rvs = tuner("reverse"), tuner("reversible")
+    g, h = rev.history[0]["hypergrad"], rvs.history[0]["hypergrad"]
+    assert h["lr"] == pytest.approx(g["lr"], rel=1e-5)
+    assert h["weight_decay"] == pytest.approx(g["weight_decay"], rel=1e-5)
