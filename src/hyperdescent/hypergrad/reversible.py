@@ -16,6 +16,7 @@ the ones the run started from, bit for bit.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -255,6 +256,12 @@ def reversible(problem: Problem, steps: int, values: dict | None = None, *,
         value, grads, exact, extras = reverse_pass(run, initial_grad, inputs_grad)
         meter.hvps = max(0, int(steps) - 1)
     P, T = run.layout.numel, int(steps)
+    if not exact:
+        # a gradient recomputed with different bits (another thread count, a kernel that
+        # rounds differently with create_graph) sends the reversal off the forward trajectory
+        warnings.warn("method='reversible' did not recover the initial weights bit for bit; "
+                      "the hypergradient was taken along another trajectory and is unreliable",
+                      RuntimeWarning, stacklevel=2)
     stats = meter.stats(
         method="reversible", steps=T, reversal_exact=exact, buffer_bits=run.buffer_bits,
         buffer_bits_per_param_step=run.buffer_bits / (P * T),
