@@ -314,3 +314,18 @@ def test_initial_weight_scales_and_training_inputs_match_finite_differences():
           - _value(mlp(), x - h * direction, y, space, opt, val)) / (2 * h)
     got = float((res.stats["train_inputs_grad"] * direction).sum())
     assert got == pytest.approx(fd, rel=1e-5, abs=1e-9)
+
+
+def test_float32_model_reverses_exactly_and_unknown_options_are_refused():
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    x, y = helpers_data()
+    p = hd.Problem(model, optimizer=hd.optim.SGD(momentum=0.9), space=hd.Space({"lr": LR}),
+                   train=(x.float(), y), val=(x[:20].float(), y[:20]), batch_size=16, seed=3)
+    res = hd.hypergrad(p, steps=20, method="reversible")
+    ref = hd.hypergrad(p, steps=20, method="reverse",
+                       hparams={"lr": torch.tensor(0.05)})
+    assert res.stats["reversal_exact"]
+    assert float(res.grad["lr"]) == pytest.approx(float(ref.grad["lr"]), rel=1e-3)
+    with pytest.raises(HyperparameterError, match="unknown option"):
+        hd.hypergrad(p, steps=2, method="reversible", window=3)
