@@ -84,6 +84,10 @@ class OfflineTuner:
     A meta-step whose run diverges (a non-finite loss or hypergradient, or a final validation
     loss above `diverge_factor` times the first meta-step's) is undone: the last values that
     trained are restored with halved outer step sizes, at most `max_backtracks` times.
+    The defaults (10 meta-steps, the reference code's step sizes 0.1 / 0.1 / 3e-4 for learning
+    rate / momentum / weight decay, no clamps) come from benchmarks/fds_defaults.py: from all
+    three at 0, a learning-rate step of 0.1 beat 0.03 on digits_mlp and mnist1d_mlp, and the
+    reference code's clamps (±3, ±1) changed nothing on digits_mlp and did worse on mnist1d_mlp.
     """
 
     def __init__(self, problem: Problem, method: str = "fds", steps: int | None = None,
