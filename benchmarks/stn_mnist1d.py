@@ -1,6 +1,7 @@
 """STN on MNIST-1D: per-layer dropout and input noise tuned during training (MacKay et al. 2019, Table 1 logic).
 
-Run: .venv/bin/python benchmarks/stn_mnist1d.py [--steps 3000] [--seed 0] [--starts ...]
+Run: .venv/bin/python benchmarks/stn_mnist1d.py [--steps 6000] [--seed 0] [--starts ...]
+     .venv/bin/python benchmarks/stn_mnist1d.py --only-overhead   (stn_overhead.json)
 Writes benchmarks/results/stn_mnist1d.json and stn_mnist1d.png: STN and Δ-STN runs from each
 start, a 7-point fixed-dropout grid, retraining from scratch with each STN schedule against
 fixed values at the STN's final ones, and wall time per training step against the plain model.
@@ -25,7 +26,7 @@ DROPS = ["dropout_in", "dropout_h1", "dropout_h2"]
 NAMES = DROPS + ["noise"]
 GRID = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7]
 
-BENCH_ARGS = ["--steps", "3000"]
+BENCH_ARGS = ["--steps", "6000"]
 BENCH_QUICK_ARGS = ["--steps", "300", "--starts", "0.3", "--grid", "0.0", "0.3", "--out",
                     "/tmp/hyperdescent_quick/stn_mnist1d.json"]
 
@@ -91,7 +92,7 @@ def overhead(task, seed, args):
     trainers = {"stn": make_trainer(task, 0.3, False, seed, args),
                 "delta_stn": make_trainer(task, 0.3, True, seed, args)}
     times = {"plain": [], "stn": [], "delta_stn": [], "stn_hyper": []}
-    for _ in range(5):
+    for _ in range(args.overhead_rounds):
         times["plain"] += step_time(plain_step, rounds=1)
         for k, tr in trainers.items():
             times[k] += step_time(tr.train_step, rounds=1)
@@ -127,7 +128,7 @@ def plot(runs, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--starts", type=float, nargs="+", default=[0.05, 0.3, 0.5, 0.7])
     ap.add_argument("--grid", type=float, nargs="+", default=GRID)
@@ -135,10 +136,19 @@ def main(argv=None):
     ap.add_argument("--hyper-lr", type=float, default=0.01)
     ap.add_argument("--tau", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=235)      # 5 epochs of 47 batches
+    ap.add_argument("--overhead-rounds", type=int, default=15)
+    ap.add_argument("--only-overhead", action="store_true",
+                    help="measure the step overhead only, into stn_overhead.json")
     ap.add_argument("--out", default=str(RESULTS / "stn_mnist1d.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     task = hd.tasks.get("mnist1d_mlp", seed=args.seed)
+    if args.only_overhead:
+        res = {"args": vars(args), "torch": torch.__version__, **overhead(task, args.seed, args)}
+        path = RESULTS / "stn_overhead.json"
+        path.write_text(json.dumps(res, indent=1))
+        print(json.dumps(res, indent=1))
+        return
     out = {"args": vars(args), "task": "mnist1d_mlp", "torch": torch.__version__}
 
     runs = []
