@@ -77,8 +77,8 @@ def test_hvps_stat_is_the_number_of_hessian_vector_products_autograd_runs(method
 def test_reverse_peak_memory_covers_the_unrolled_graph(monkeypatch):
     """Background sampling off: the peak must come from the reading taken while the whole
     unrolled graph is alive. The graph holds, for each of the T steps, the weights, the momentum
-    buffer and the gradient: at least 1.5x T weight vectors (measured: 2.7x; 0.7x when the
-    reading inside the run is left out)."""
+    buffer and the gradient: more than T weight vectors (measured at T=50: 2.1x, 1.4x under
+    mutmut's trampolines; 0.16x when the reading inside the run is left out)."""
     import importlib
 
     common = importlib.import_module("hyperdescent.hypergrad.common")
@@ -101,8 +101,8 @@ def test_reverse_peak_memory_covers_the_unrolled_graph(monkeypatch):
     p = hd.Problem(model, optimizer=hd.optim.SGD(momentum=0.9),
                    space=hd.Space({"lr": hd.Real(0.01, low=1e-4, high=1.0, log=True)}),
                    train=(x, y), val=(x, y), batch_size=32)
-    steps = 25
+    steps = 50
     res = hd.hypergrad(p, steps=steps, method="reverse")
     weights_mb = sum(q.numel() for q in model.parameters()) * 8 / 2 ** 20
-    assert res.stats["peak_memory_mb"] >= 1.5 * steps * weights_mb, (
+    assert res.stats["peak_memory_mb"] >= steps * weights_mb, (
         res.stats["peak_memory_mb"], steps * weights_mb)
