@@ -85,7 +85,7 @@ def charlm(d):
     out = [f"## char-level HyperLSTM on pydoc_data text ({a['chars']} characters, vocab "
            f"{d['vocab']}, {a['steps']} steps of {a['batch']}x{a['length']}, hidden "
            f"{a['hidden']})", "",
-           "`python benchmarks/stn_charlm.py`", "",
+           f"`python benchmarks/stn_charlm.py --chars {a['chars']} --steps {a['steps']}`", "",
            "| run | val ppl | test ppl | test bpc | wall s | final values |",
            "|---|---|---|---|---|---|"]
     for k, r in d["runs"].items():
@@ -109,7 +109,8 @@ def main(argv=None):
              "Machine: a shared 2-core CPU with several other jobs running (wall times are "
              "inflated and noisy; ratios are measured inside one process).", ""]
     for name, fn in (("stn_mnist1d", mnist1d), ("stn_offset", offset),
-                     ("stn_digits_cnn", digits), ("stn_charlm", charlm)):
+                     ("stn_digits_cnn", digits), ("stn_charlm", charlm),
+                     ("stn_charlm_100k", charlm)):
         d = _load(name)
         if d is not None:
             lines += fn(d)
