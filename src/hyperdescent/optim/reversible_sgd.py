@@ -105,6 +105,7 @@ class FixedPoint:
     v_radix: list[int] | None = None
     v_scale: torch.Tensor | None = None
     v_inv: torch.Tensor | None = None
+    v_to_theta: torch.Tensor | None = None  # 2^(weights' radix - velocities' radix)
 
     @classmethod
     def for_weights(cls, layout: Layout, theta: torch.Tensor, headroom_bits: int,
@@ -128,6 +129,9 @@ class FixedPoint:
         self.v_radix = radixes
         self.v_scale, self.v_inv = lane_scales(self.layout, radixes, first_direction.dtype,
                                                first_direction.device)
+        self.v_to_theta = lane_scales(self.layout, [a - b for a, b in zip(self.theta_radix,
+                                                                           radixes)],
+                                      first_direction.dtype, first_direction.device)[0]
 
 
 def _check_range(x: torch.Tensor, what: str, layout: Layout, t: int | None = None,
@@ -146,15 +150,19 @@ def _check_range(x: torch.Tensor, what: str, layout: Layout, t: int | None = Non
 
 def to_fixed(x: torch.Tensor, scale: torch.Tensor, layout: Layout, what: str, t: int | None = None
              ) -> torch.Tensor:
-    """floor(x·2^radix) as int64, after checking that x is finite and in range (a float cast
-    to int64 out of range gives garbage silently)."""
-    y = x * scale
+    """x·2^radix rounded toward zero as int64, after checking that x is finite and in range
+    (a float cast to int64 out of range gives garbage silently)."""
+    return _checked_int(x * scale, layout, what, t)
+
+
+def _checked_int(y: torch.Tensor, layout: Layout, what: str, t: int | None) -> torch.Tensor:
     lo, hi = torch.aminmax(y)
     # NaN fails the comparisons too, so one reduction covers both checks when all is well
     if not (-INT_LIMIT < float(lo) and float(hi) < INT_LIMIT):
-        _check_range(x, what, layout, t)
+        _check_range(y, what, layout, t)
         _check_range(y, what, layout, t, limit=INT_LIMIT)
-    return torch.floor(y).to(torch.int64)
+    # the cast truncates: any rounding will do, as long as both passes round alike
+    return y.to(torch.int64)
 
 
 def to_float(i: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
@@ -210,15 +218,21 @@ def step(theta: torch.Tensor, v: torch.Tensor, direction: torch.Tensor, lr: torc
     v = mul_momentum(v, n, buffer, denom) + to_fixed(direction, fx.v_scale, fx.layout,
                                                      "gradient", t)
     v = _check_int(v, "velocity", fx.layout, t)
-    update = to_fixed(lr * to_float(v, fx.v_inv), fx.theta_scale, fx.layout, "lr·velocity", t)
-    return _check_int(theta - update, "weights", fx.layout, t), v
+    return _check_int(theta - position_update(v, lr, fx, t), "weights", fx.layout, t), v
+
+
+def position_update(v: torch.Tensor, lr: torch.Tensor, fx: FixedPoint, t: int = 0
+                    ) -> torch.Tensor:
+    """lr·v in the weights' fixed point: v's float times lr·2^(radix_θ - radix_v), which
+    rounds once, like lr·(v·2^-radix_v) scaled by 2^radix_θ (powers of two are exact)."""
+    return _checked_int(v.to(fx.v_inv.dtype) * (lr * fx.v_to_theta), fx.layout, "lr·velocity",
+                        t)
 
 
 def unstep_position(theta: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, fx: FixedPoint,
                     t: int = 0) -> torch.Tensor:
     """θ_t = θ_{t+1} + lr·v_{t+1}, exactly (the same rounded update the forward step took)."""
-    return theta + to_fixed(lr * to_float(v, fx.v_inv), fx.theta_scale, fx.layout,
-                            "lr·velocity", t)
+    return theta + position_update(v, lr, fx, t)
 
 
 def unstep_velocity(v: torch.Tensor, direction: torch.Tensor, n, fx: FixedPoint, buffer,
