@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from .config import Config, Method
+from .executors import run_all
 from .rundir import RunDir
-from .runners import build_space, resolve_steps, run_method
+from .runners import build_space, resolve_steps
 
 
 def _warm_up() -> None:
@@ -152,9 +153,7 @@ def compare(cfg: Config, out: str | Path | None = None, progress: bool = True,
                 rd.log(rec)
                 display.update(rec)
 
-            for m in cfg.methods:
-                for seed in cfg.seeds:
-                    run_method(task, cfg, m, seed, log)
+            run_all(task, cfg, log)
     except BaseException as e:  # interrupted or failed: keep what was written, report it, re-raise
         with contextlib.suppress(AttributeError, TypeError):
             e.run_dir = rd.path  # type: ignore[attr-defined]

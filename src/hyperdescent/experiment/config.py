@@ -144,6 +144,15 @@ class Method(_Strict):
         return self
 
 
+class RayOptions(_Strict):
+    """`[ray]`: the cluster for executor = "ray" (a local Ray when `address` is unset)."""
+
+    address: str | None = None
+    num_cpus: StrictInt | None = Field(None, gt=0, description="CPUs of a local Ray")
+    max_concurrent: StrictInt | None = Field(None, gt=0, description="trials at once")
+    max_failures: StrictInt = Field(2, ge=0, description="restarts of a trial whose worker died")
+
+
 class Config(_Strict):
     """A validated experiment config (see the module docstring for the TOML layout)."""
 
@@ -156,6 +165,8 @@ class Config(_Strict):
     steps: StrictInt | None = Field(None, gt=0)
     space: dict[str, HParam] | None = None
     methods: list[Method] = Field(min_length=1)
+    executor: Literal["local", "ray"] = "local"
+    ray: RayOptions | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Config:

@@ -1,0 +1,97 @@
+"""Compare runs through Ray Tune (executor = "ray") against the same runs in this process.
+
+A local Ray with 2 CPUs is started once for the module; skipped when Ray Tune is not installed
+(the `ray` extra, which .ci/run installs).
+"""
+
+import os
+import signal
+
+import pytest
+
+from hyperdescent.errors import ConfigError
+from hyperdescent.experiment import compare, read_records, validate_config
+
+ray = pytest.importorskip("ray", reason="Ray Tune is not installed (the `ray` extra)")
+pytest.importorskip("ray.tune", reason="Ray Tune is not installed (the `ray` extra)")
+
+BASE = {
+    "name": "tiny", "task": "cancer_logreg", "seeds": [0], "steps": 40,
+    "budget": {"trials": 4},
+    "methods": [{"label": "OHO", "kind": "oho", "settings": {"eval_every": 10}},
+                {"label": "random", "kind": "random", "settings": {"eval_every": 10}}],
+}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _by(records, kind, method):
+    return [r for r in records if kind in (None, r["kind"]) and r["method"] == method]
+
+
+class KillOnce:
+    """A Tune callback killing the gradient run's worker process after its third record."""
+
+    def __new__(cls):
+        from ray.tune import Callback
+
+        class Kill(Callback):
+            killed = False
+
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                if not self.killed and result.get("n_records") == 3:
+                    self.killed = True
+                    os.kill(result["pid"], signal.SIGKILL)
+
+        return Kill()
+
+
+@pytest.fixture(scope="module")
+def local_records(tmp_path_factory):
+    cfg = validate_config(BASE)
+    path = compare(cfg, out=tmp_path_factory.mktemp("local") / "r", progress=False)
+    return read_records(path / "metrics.jsonl")
+
+
+def test_ray_runs_equal_local_runs_through_a_preemption(local_ray, local_records, tmp_path):
+    from hyperdescent import tasks
+    from hyperdescent.experiment.executors import RayExecutor
+    cfg = validate_config({**BASE, "executor": "ray"})
+    kill = KillOnce()
+    got = []
+    RayExecutor(cfg, [kill]).run(tasks.get(cfg.task), got.append)
+    assert kill.killed
+    # the gradient run, killed after 3 records and resumed: every record once, in order, with
+    # the same validation losses at the same steps
+    want = _by(local_records, None, "OHO")
+    assert [(r["kind"], r.get("step")) for r in _by(got, None, "OHO")] == \
+        [(r["kind"], r.get("step")) for r in want]
+    want_steps = [(r["step"], r["val_loss"]) for r in _by(local_records, "oho_step", "OHO")]
+    got_steps = [(r["step"], r["val_loss"]) for r in _by(got, "oho_step", "OHO")]
+    assert len(want_steps) > 2
+    for (s, v), (s2, v2) in zip(got_steps, want_steps):
+        assert s == s2 and v == pytest.approx(v2, rel=1e-9)
+    # black-box: the budget of 4 trials charged exactly, the same seeded proposals and values
+    want = {r["trial"]: r for r in _by(local_records, "trial", "random")}
+    trials = _by(got, "trial", "random")
+    assert sorted(t["trial"] for t in trials) == sorted(want) == [0, 1, 2, 3]
+    for t in trials:
+        w = want[t["trial"]]
+        assert t["params"] == pytest.approx(w["params"], rel=1e-12)
+        assert t["value"] == pytest.approx(w["value"], rel=1e-9)
+    end = _by(got, "run_end", "random")[0]
+    assert end["n_trials"] == 4 and end["stopped_by"] == "trials"
+    assert end["inner_steps"] == sum(t["trial_inner_steps"] for t in trials) == 4 * 40
+
+
+def test_ray_config_is_validated():
+    with pytest.raises(ConfigError, match="executor"):
+        validate_config({**BASE, "executor": "dask"})
+    with pytest.raises(ConfigError, match="ray.num_cpus"):
+        validate_config({**BASE, "executor": "ray", "ray": {"num_cpus": 0}})
