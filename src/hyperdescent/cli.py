@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         from .experiment.config import load_config
         progress = not args.no_progress
         if args.command == "demo":
-            if args.budget <= 0 or args.seeds < 1 or args.steps < 1:
+            if not 0 < args.budget < float("inf") or args.seeds < 1 or args.steps < 1:
                 return _fail("--budget must be > 0, --seeds and --steps >= 1")
             cfg = demo_config(args.budget, args.seeds, args.steps)
             path = compare(cfg, out=args.out, progress=progress)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
-from . import autodiff
+from . import autodiff, validate
 from . import distributed as dp
 from .data import Batch, ReplayableBatches, StreamBatches, as_tensor_pair
 from .errors import DataError, HyperdescentError, HyperparameterError, NonFiniteError
@@ -98,6 +98,8 @@ class Problem:
                  val=None, batch_size: int = 128, val_batch_size: int = 512, seed: int = 0,
                  regularizer: Callable | None = None, test=None, eval_mode: bool = True,
                  distributed: bool = False):
+        validate.check_problem_args(model, loss, optimizer, space, batch_size, val_batch_size,
+                                    seed, regularizer)
         if train is None or val is None:
             raise DataError("hd.Problem needs both train= and val= datasets")
         self.model = model
@@ -133,6 +135,7 @@ class Problem:
         self._training: bool | None = None
         self.compiled_steps: dict = {}  # torch.compile'd step functions built for this problem
         self._check_space_names()
+        validate.check_data(self)
 
     # -- data ----------------------------------------------------------------------------
     def _batches(self, data, name, batch_size, stream):

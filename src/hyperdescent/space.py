@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from .errors import HyperparameterError
+from .errors import HyperparameterError, HyperparameterTypeError
+from .validate import integer, number
 
 _PER = ("global", "layer", "parameter")
 # Values at a bound of a logit transform would need an infinite raw coordinate; keep them
@@ -28,7 +29,7 @@ class Piecewise:
     K: int
 
     def __post_init__(self):
-        if not isinstance(self.K, int) or self.K < 1:
+        if isinstance(self.K, bool) or not isinstance(self.K, int) or self.K < 1:
             raise HyperparameterError(f"Piecewise(K) needs an integer K >= 1, got K={self.K!r}")
 
     def block(self, t: int, horizon: int) -> int:
@@ -56,11 +57,15 @@ class Real(Hyperparameter):
 
     def __init__(self, init: float, low: float = -math.inf, high: float = math.inf,
                  log: bool = False, per: str = "global", schedule: Piecewise | None = None):
-        self.init = float(init)
-        self.low, self.high, self.log = float(low), float(high), bool(log)
+        self.init = number("Real's initial value", init, HyperparameterError)
+        self.low = number("Real's low", low, HyperparameterError, finite=False)
+        self.high = number("Real's high", high, HyperparameterError, finite=False)
+        if not isinstance(log, bool):
+            raise HyperparameterTypeError(f"Real's log must be True or False, got {log!r}")
+        self.log = log
         self.per = per
         self.schedule = schedule
-        if per not in _PER:
+        if not isinstance(per, str) or per not in _PER:
             raise HyperparameterError(f"per={per!r} is not one of {_PER}")
         if schedule is not None and not isinstance(schedule, Piecewise):
             raise HyperparameterError(f"schedule must be hd.Piecewise(K), got {schedule!r}")
@@ -157,8 +162,15 @@ class Int(Hyperparameter):
     """An integer hyperparameter, for black-box search only."""
 
     def __init__(self, init: int, low: int, high: int, log: bool = False):
-        self.init, self.low, self.high, self.log = int(init), int(low), int(high), bool(log)
+        self.init = integer("Int's initial value", init, error=HyperparameterError)
+        self.low = integer("Int's low", low, error=HyperparameterError)
+        self.high = integer("Int's high", high, error=HyperparameterError)
+        if not isinstance(log, bool):
+            raise HyperparameterTypeError(f"Int's log must be True or False, got {log!r}")
+        self.log = log
         self.per, self.schedule = "global", None
+        if self.log and self.low <= 0:
+            raise HyperparameterError(f"Int with log=True needs low >= 1, got low={low}")
         if not self.low <= self.init <= self.high:
             raise HyperparameterError(f"Int initial value {init} is outside [{low}, {high}]")
 
@@ -170,6 +182,10 @@ class Categorical(Hyperparameter):
     """A categorical hyperparameter, for black-box search only."""
 
     def __init__(self, choices: Sequence[Any], init: Any = None):
+        if isinstance(choices, (str, bytes)) or not isinstance(choices, (Sequence, set,
+                                                                          frozenset)):
+            raise HyperparameterTypeError(
+                f"Categorical needs a list of choices, e.g. ['sgd', 'adam'], got {choices!r}")
         self.choices = list(choices)
         if not self.choices:
             raise HyperparameterError("Categorical needs at least one choice")
@@ -186,8 +202,17 @@ class Space(Mapping):
     """A named set of hyperparameter declarations ."""
 
     def __init__(self, hparams: Mapping[str, Hyperparameter]):
+        if not isinstance(hparams, Mapping):
+            raise HyperparameterTypeError(
+                f"hd.Space takes a dict from name to declaration, e.g. "
+                f"{{'lr': hd.Real(0.1, low=1e-4, high=1.0, log=True)}}, got "
+                f"{type(hparams).__name__}")
         self._hp: dict[str, Hyperparameter] = {}
         for name, hp in hparams.items():
+            if not isinstance(name, str) or not name or "/" in name:
+                # "/" separates a name from a parameter name in flattened leaves
+                raise HyperparameterError(
+                    f"hyperparameter names must be non-empty strings without '/', got {name!r}")
             if not isinstance(hp, Hyperparameter):
                 raise HyperparameterError(
                     f"hyperparameter {name!r} must be hd.Real, hd.Int or hd.Categorical, "
@@ -302,6 +327,10 @@ class BoundSpace:
 
         `like` gives the dtype/device/shape structure (usually the current values).
         """
+        if not isinstance(values, Mapping):
+            raise HyperparameterTypeError(
+                f"hyperparameter values must be a dict from name to value, got "
+                f"{type(values).__name__}")
         out = {}
         for name, v in values.items():
             hp = self.space[name]  # raises on an unknown name
@@ -328,7 +357,15 @@ class BoundSpace:
 
     @staticmethod
     def _coerce_leaf(name: str, hp: Real, v: Any, ref: torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(v, dtype=ref.dtype, device=ref.device).detach()
+        if isinstance(v, (bool, str, bytes)) or v is None:
+            raise HyperparameterTypeError(
+                f"hyperparameter {name!r} needs a number or a tensor, got {v!r}")
+        try:
+            t = torch.as_tensor(v, dtype=ref.dtype, device=ref.device).detach()
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise HyperparameterTypeError(
+                f"hyperparameter {name!r} needs a number or a tensor, got "
+                f"{type(v).__name__} {v!r} ({e})") from None
         if t.shape != ref.shape:
             try:
                 t = t.expand(ref.shape).clone()
@@ -349,7 +386,8 @@ class BoundSpace:
         if isinstance(hp, Categorical) and v not in hp.choices:
             raise HyperparameterError(
                 f"hyperparameter {name!r} = {v!r} is not one of {hp.choices}")
-        if isinstance(hp, Int) and not (hp.low <= int(v) <= hp.high):
+        if isinstance(hp, Int) and not (hp.low <= integer(f"hyperparameter {name!r}", v,
+                                                         error=HyperparameterError) <= hp.high):
             raise HyperparameterError(
                 f"hyperparameter {name!r} = {v} is outside its bounds [{hp.low}, {hp.high}]")
 

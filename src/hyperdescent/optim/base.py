@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import HyperparameterError
+from ..validate import check_optimizer_args
 
 Params = dict[str, torch.Tensor]
 State = dict[str, Any]
@@ -42,6 +43,7 @@ class Optimizer:
     counts_steps = False
 
     def __init__(self, **kwargs):
+        check_optimizer_args(type(self).__name__, kwargs, self.defaults)
         if "betas" in kwargs:
             b1, b2 = kwargs.pop("betas")
             kwargs.setdefault("beta1", b1)
