@@ -1,10 +1,13 @@
 """Study storage shared by many workers: a database URL becomes an Optuna RDBStorage with
-heartbeats, so that a trial whose worker died is marked failed and run again by another one."""
+heartbeats, so that a trial whose worker died is marked failed and run again by another one; a
+file path (`pathlib.Path` or a `journal:PATH` URL) becomes a JournalStorage on that file, which
+processes on one machine share without SQLite's "database is locked"."""
 
 from __future__ import annotations
 
 import importlib.util
 import inspect
+import os
 import warnings
 from typing import Any
 
@@ -40,10 +43,30 @@ def _with_driver(url: str) -> str:
                       f"pip install 'hyperdescent[postgres]'")
 
 
+def journal_path(storage: Any) -> str | None:
+    """The file of a journal storage (a path, or a `journal:PATH` / `journal:///abs` URL)."""
+    if isinstance(storage, os.PathLike):
+        return os.fspath(storage)
+    if isinstance(storage, str) and storage.startswith("journal:"):
+        path = storage[len("journal:"):]
+        path = path[2:] if path.startswith("//") else path
+        if not path:
+            raise ConfigError(f"storage {storage!r} names no file; give journal:PATH")
+        return path
+    return None
+
+
 def shared_storage(storage: Any, heartbeat_interval: int = 10, grace_period: int | None = None,
                    max_retry: int = 3) -> Any:
     """An RDBStorage with a heartbeat every `heartbeat_interval` s and `max_retry` reruns of a
-    trial left running by a dead worker, for a database URL; any other storage unchanged."""
+    trial left running by a dead worker, for a database URL; a JournalStorage with a file
+    backend for a path; any other storage unchanged."""
+    path = journal_path(storage)
+    if path is not None:
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+        if os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        return JournalStorage(JournalFileBackend(path))
     if not is_database_url(storage):
         return storage
     url = _with_driver(storage)

@@ -23,6 +23,7 @@ from ..hypergrad.forward import forward_engine
 from ..hypergrad.truncated import TruncatedWindow, check_window
 from ..problem import InnerState, Problem
 from ..space import flatten, unflatten
+from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .guard import DivergenceGuard, GuardExhausted
 from .meta import KINDS as META_OPTIMIZERS
 from .meta import MetaOptimizer
@@ -59,7 +60,10 @@ class OnlineTuner:
     (natural units) and its raw-coordinate norm on meta-steps, which are every step by
     default; hyper_every=2 with meta_lr=0.06 did as well on every bundled task in
     oho_defaults.py --hyper-every 1 2. compile=True runs the forward engine's steps as one
-    torch.compile'd function (faster per step after a compilation).
+    torch.compile'd function (faster per step after a compilation). The divergence guard
+    (spike_factor, trend_factor, giveback, noise_tolerance: see DivergenceGuard) rolls back
+    to a snapshot, halves meta_lr (never below meta_lr_floor x its initial value, reported
+    once as a "meta_lr_floor" event) and halves the step sizes named in `backtrack`.
     """
 
     def __init__(self, problem: Problem, method: str = "forward", meta_optimizer: str = "adam",
@@ -69,7 +73,8 @@ class OnlineTuner:
                  trend_factor: float = 1.2, giveback: float = 0.3,
                  snapshot_every: int = 25, max_rollbacks: int = 20,
                  backtrack: tuple[str, ...] = ("lr",), compile: bool | dict = False,
-                 uoro_samples: int = 1):
+                 uoro_samples: int = 1, noise_tolerance: float = 4.0,
+                 meta_lr_floor: float = 0.01):
         if method not in METHODS:
             raise HyperparameterError(f"method={method!r} is not one of {METHODS}")
         if meta_optimizer not in META_OPTIMIZERS:
@@ -87,6 +92,13 @@ class OnlineTuner:
         problem.bound.space.require_differentiable(f"OnlineTuner(method={method!r})")
         if not problem.bound.real_names():
             raise HyperparameterError("the problem's space has no Real hyperparameter to tune")
+        if isinstance(backtrack, str):
+            backtrack = (backtrack,)
+        if not isinstance(backtrack, (tuple, list)) or \
+                not all(isinstance(n, str) for n in backtrack):
+            raise HyperparameterError(
+                f"backtrack must be a tuple of hyperparameter names, e.g. ('lr',), got "
+                f"{backtrack!r}")
         unknown = sorted(set(backtrack) - set(problem.bound.real_names()))
         if unknown and set(backtrack) != {"lr"}:
             raise HyperparameterError(
@@ -99,7 +111,8 @@ class OnlineTuner:
                            spike_factor=spike_factor, trend_factor=trend_factor, giveback=giveback,
                            snapshot_every=snapshot_every,
                            max_rollbacks=max_rollbacks, backtrack=tuple(backtrack),
-                           compile=compile, uoro_samples=uoro_samples)
+                           compile=compile, uoro_samples=uoro_samples,
+                           noise_tolerance=noise_tolerance, meta_lr_floor=meta_lr_floor)
         self.horizon = horizon or 1000
         self.like = problem.real_hparams()
         bound = problem.bound
@@ -107,7 +120,7 @@ class OnlineTuner:
             flatten(bound.to_raw(self.like)), meta_optimizer, meta_lr, clip,
             project=lambda raw: flatten(bound.project_raw(unflatten(raw, self.like))))
         self.guard = DivergenceGuard(spike_factor, trend_factor, giveback, snapshot_every,
-                                     max_rollbacks)
+                                     max_rollbacks, noise_tolerance, meta_lr_floor)
         self.state: InnerState = problem.init_state()
         if method == "truncated":
             self.engine = TruncatedWindow(problem, self.horizon, window)
@@ -229,13 +242,17 @@ class OnlineTuner:
                 f"inner training diverged {self.rollbacks} times (train loss "
                 f"{record['train_loss']}); lower meta_lr or start from a smaller learning rate"
             ) from None
-        lr = self.meta.lr * 0.5
+        lr, floored = self.guard.backoff(self.meta.lr, self.config["meta_lr"])
         self._restore_snapshot(snap)
         self._backtrack_step_sizes()
         self.meta.set_lr(lr)
         event = {"step": record["step"], "event": "rollback", "to_step": snap["t"],
                  "train_loss": record["train_loss"], "meta_lr": self.meta.lr}
         self.events.append(event)
+        if floored and not any(e["event"] == "meta_lr_floor" for e in self.events):
+            # said once: from here on rollbacks no longer slow tuning down
+            self.events.append({"step": record["step"], "event": "meta_lr_floor",
+                                "meta_lr": self.meta.lr, "rollbacks": self.rollbacks})
         return {**record, **event}
 
     def _backtrack_step_sizes(self) -> None:
@@ -281,7 +298,8 @@ class OnlineTuner:
             cfg["compile"] = bool(cfg["compile"])
         return {**self._core(), "config": cfg, "elapsed": self.elapsed,
                 "horizon": self.horizon, "history": self.history, "events": self.events,
-                "guard": self.guard.state_dict()}
+                "guard": self.guard.state_dict(), "rng": rng_state(),
+                "data": {"replayable": self.problem.replayable, "position": self.t}}
 
     def save(self, path: str | Path) -> None:
         """Write the whole tuner state to `path` atomically (fsync'd temp file + rename)."""
@@ -299,19 +317,32 @@ class OnlineTuner:
         tuner.events = list(sd["events"])
         tuner.elapsed = sd["elapsed"]
         tuner.guard.load_state_dict(sd["guard"])
+        if "rng" in sd:
+            set_rng_state(sd["rng"])
         return tuner
 
     # -- driving -------------------------------------------------------------------------
-    def run(self, steps: int, callback=None) -> OnlineTuner:
-        """Run until `steps` inner steps have been taken in total (the horizon of schedules)."""
+    def run(self, steps: int, callback=None, checkpoint: str | Path | None = None,
+            checkpoint_every: int | None = None) -> OnlineTuner:
+        """Run until `steps` inner steps have been taken in total (the horizon of schedules).
+
+        With `checkpoint=PATH` the whole state record is written there atomically every
+        `checkpoint_every` steps (default 50), when the run ends, and on SIGINT/SIGTERM (after
+        the step under way; the signal then takes its usual effect): `OnlineTuner.load(PATH,
+        problem).run(steps)` then ends bit-identical to a run never interrupted."""
         _check_int("steps", steps, 1)
+        if callback is not None and not callable(callback):
+            raise HyperparameterError(f"callback must be callable(tuner, record), got "
+                                      f"{callback!r}")
         if self.config["horizon"] is None and self.t == 0:
             self.horizon = self.engine.horizon = steps
-        while self.t < steps:
-            record = self._step(None, None)
-            if callback is not None:
-                callback(self, record)
-        self._publish()
+        with Checkpointer(checkpoint, checkpoint_every, self.save) as ck:
+            while self.t < steps and not ck.stop:
+                record = self._step(None, None)
+                ck.after_step(self.t)
+                if callback is not None:
+                    callback(self, record)
+            self._publish()
         return self
 
     def schedule(self) -> Schedule:
