@@ -77,6 +77,7 @@ class RansBuffer:
 
     @property
     def lanes(self) -> int:
+        """The number of coder lanes (one per parameter element)."""
         return self.head.numel()
 
     def bits(self) -> int:

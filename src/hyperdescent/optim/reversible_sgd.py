@@ -47,6 +47,7 @@ class Layout:
 
     @property
     def numel(self) -> int:
+        """Elements of all tensors together."""
         return sum(self.sizes)
 
     def flat(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
