@@ -201,6 +201,9 @@ def test_a_dead_relu_stall_back_at_chance_rolls_back_through_noise():
     back = [0.8 + 1.5 * t / 60 for t in range(1, 61)] + [2.3] * 40
     alarm = first_alarm(fall + back)
     assert alarm is not None and 150 < alarm < 250
+    guard = DivergenceGuard()
+    assert [guard.reason for t, v in enumerate(fall + back) if guard.diverged(t + 1, v)][0] \
+        == "running training loss climbing back"
     assert first_alarm(fall + back, giveback=math.inf, trend_factor=math.inf) is None
 
 
@@ -365,15 +368,17 @@ def finite_hparams(tuner):
     return all(torch.isfinite(v).all() for v in hd.space.flatten(tuner.hparams).values())
 
 
-@pytest.mark.parametrize("fault", [lambda loss: loss * math.nan,  # a NaN batch
-                                   lambda loss: loss * math.inf,
-                                   lambda loss: loss * 1e6],  # an exploding step
-                         ids=["nan", "inf", "x1e6"])
-def test_injected_loss_faults_roll_back_with_their_reason(fault):
+@pytest.mark.parametrize("fault, why", [
+    (lambda loss: loss * math.nan, "non-finite training loss"),  # a NaN batch
+    (lambda loss: loss * math.inf, "non-finite training loss"),
+    (lambda loss: loss * 1e6, "training loss spike")],  # an exploding step
+    ids=["nan", "inf", "x1e6"])
+def test_injected_loss_faults_roll_back_with_their_reason(fault, why):
     tuner, loss = faulty_tuner(fault, at={9})
     drive(tuner, loss, 14)
     rollbacks = [e for e in tuner.events if e["event"] == "rollback"]
     assert len(rollbacks) == 1 and rollbacks[0]["step"] == 9
+    assert rollbacks[0]["why"] == why
     assert [r["step"] for r in tuner.history] == list(range(14))
     assert finite_hparams(tuner)
 

@@ -102,6 +102,7 @@ class DivergenceGuard:
         self.noise_tolerance, self.meta_lr_floor = float(noise_tolerance), float(meta_lr_floor)
         self.snapshot_every, self.max_rollbacks = snapshot_every, max_rollbacks
         self.rollbacks = 0
+        self.reason: str | None = None  # the rule that fired at the last `diverged` call
         self.smooth: tuple[float | None, float | None, float | None] = (None, None, None)
         self.last: float | None = None  # the latest healthy loss
         self.count = 0  # healthy losses in the running average
@@ -116,8 +117,11 @@ class DivergenceGuard:
 
     def diverged(self, t: int, loss: float) -> bool:
         """Whether the training loss of inner step t (1-based count of steps taken) signals
-        divergence; a healthy loss updates the running average and the noise estimate."""
+        divergence (its rule then in `reason`); a healthy loss updates the running average
+        and the noise estimate."""
+        self.reason = None
         if not math.isfinite(loss):
+            self.reason = "non-finite training loss"
             return True
         smooth, first, best = self.smooth
         if smooth is None:
@@ -131,13 +135,17 @@ class DivergenceGuard:
         # one batch may be hard (replaying it gives the same loss), so a single loss only
         # counts as a spike once it is also above where training started
         far = loss > max(self.spike_factor * max(smooth, floor), first) or loss > 3 * first
-        spiked = t > 5 and (
-            (far and loss > smooth + 2 * z * sd)
-            or (t > 20 and ema - ema_noise > best + best_noise + floor + min(
-                (self.trend_factor - 1) * best,
-                # progress measured from the first loss's upper bound: a noisy first loss
-                # below the average must not make the progress, and the allowance, negative
-                self.giveback * max(0.0, first + z * sd - best))))
+        spike = t > 5 and far and loss > smooth + 2 * z * sd
+        trend = (t > 20 and not spike and ema - ema_noise > best + best_noise + floor + min(
+            (self.trend_factor - 1) * best,
+            # progress measured from the first loss's upper bound: a noisy first loss
+            # below the average must not make the progress, and the allowance, negative
+            self.giveback * max(0.0, first + z * sd - best)))
+        spiked = spike or trend
+        if spike:
+            self.reason = "training loss spike"
+        elif trend:
+            self.reason = "running training loss climbing back"
         if not spiked:
             self.count += 1
             if ema + ema_noise <= best + best_noise:

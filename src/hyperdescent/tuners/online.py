@@ -247,7 +247,8 @@ class OnlineTuner:
         self._backtrack_step_sizes()
         self.meta.set_lr(lr)
         event = {"step": record["step"], "event": "rollback", "to_step": snap["t"],
-                 "train_loss": record["train_loss"], "meta_lr": self.meta.lr}
+                 "train_loss": record["train_loss"], "meta_lr": self.meta.lr,
+                 "why": self.guard.reason}
         self.events.append(event)
         if floored and not any(e["event"] == "meta_lr_floor" for e in self.events):
             # said once: from here on rollbacks no longer slow tuning down
