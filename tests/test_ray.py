@@ -95,3 +95,30 @@ def test_ray_config_is_validated():
         validate_config({**BASE, "executor": "dask"})
     with pytest.raises(ConfigError, match="ray.num_cpus"):
         validate_config({**BASE, "executor": "ray", "ray": {"num_cpus": 0}})
+
+
+def test_pbt_baseline_explores_and_exploits_under_the_inner_step_budget(local_ray, tmp_path):
+    cfg = validate_config({
+        "name": "pbt", "task": "cancer_logreg", "seeds": [0], "steps": 40,
+        "budget": {"inner_steps": 150},
+        "methods": [{"label": "OHO", "kind": "oho", "settings": {"eval_every": 10}},
+                    {"label": "PBT", "kind": "pbt",
+                     "settings": {"population": 4, "interval": 10}}]})
+    path = compare(cfg, out=tmp_path / "r", progress=False)
+    records = read_records(path / "metrics.jsonl")
+    steps = _by(records, "pbt_step", "PBT")
+    end = _by(records, "run_end", "PBT")[0]
+    # every member's reports, 10 inner steps each, charged until the budget of 150 is spent
+    assert end["inner_steps"] == 10 * len(steps) and 150 <= end["inner_steps"] <= 150 + 4 * 10
+    assert end["stopped_by"] == "inner_steps" and end["n_members"] == 4
+    assert sorted({r["member"] for r in steps}) == [0, 1, 2, 3]
+    # synchronous PBT: the worst quarter copies a better member and moves its values
+    exploits = [r for r in steps if r["event"] == "exploit"]
+    assert exploits
+    from hyperdescent import tasks
+    space = tasks.get("cancer_logreg").space
+    for r in steps:
+        for name, v in r["hparams"].items():
+            assert space[name].low <= v <= space[name].high
+    assert end["best_val_loss"] == min(r["val_loss"] for r in steps)
+    assert (path / "pbt_schedule.png").exists()

@@ -53,7 +53,8 @@ GRADIENT_KINDS = {"oho": "forward", "greedy": "greedy", "truncated": "truncated"
 OFFLINE_KINDS = ("fds",)  # OfflineTuner: meta-steps over whole runs (offline_runner.py)
 STN_KINDS = ("stn",)  # STNTrainer: dropout (and input noise) tuned in one run (stn_runner.py)
 BLACKBOX_KINDS = ("random", "grid", "tpe", "gp", "cmaes", "qmc")
-KINDS = (*GRADIENT_KINDS, *OFFLINE_KINDS, *STN_KINDS, *BLACKBOX_KINDS)
+PBT_KINDS = ("pbt",)  # Population Based Training through Ray Tune (pbt_runner.py)
+KINDS = (*GRADIENT_KINDS, *OFFLINE_KINDS, *STN_KINDS, *BLACKBOX_KINDS, *PBT_KINDS)
 PRUNERS = ("median", "successive_halving", "hyperband")
 # hyperparameters both kinds of method can set: the arguments of the tasks' optimizers
 HPARAM_NAMES = TASK_HPARAMS
@@ -133,6 +134,9 @@ class Method(_Strict):
         if self.kind in STN_KINDS:
             from .stn_runner import stn_settings
             allowed = stn_settings()
+        if self.kind in PBT_KINDS:
+            from .pbt_runner import PBT_SETTINGS
+            allowed = list(PBT_SETTINGS)
         for key in self.settings:
             if key not in allowed:
                 raise ValueError(f"settings.{key}: unknown setting for kind {self.kind!r}; "

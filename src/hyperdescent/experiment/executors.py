@@ -181,8 +181,7 @@ class RayExecutor:
         init_ray(self.cfg)
         cfg_dict = self.cfg.model_dump(mode="json")
         storage = tempfile.mkdtemp(prefix="hd-ray-")
-        whole = [(m, s) for m in self.cfg.methods for s in self.cfg.seeds
-                 if m.gradient or m.kind == "pbt"]
+        whole = [(m, s) for m in self.cfg.methods for s in self.cfg.seeds if m.gradient]
         if whole:
             grid = [{"label": m.label, "seed": s} for m, s in whole]
             tuner = tune.Tuner(
@@ -192,10 +191,11 @@ class RayExecutor:
                 run_config=self._run_config("runs", storage, [_ForwardRecords(log)]))
             _check(tuner.fit())
         for m in self.cfg.methods:
-            if m.gradient or m.kind == "pbt":
-                continue
             for seed in self.cfg.seeds:
-                self._blackbox(task, m, seed, log, cfg_dict, storage)
+                if m.kind == "pbt":  # a Tuner of its own, driven from here
+                    run_method(task, cfg=self.cfg, method=m, seed=seed, log=log)
+                elif not m.gradient:
+                    self._blackbox(task, m, seed, log, cfg_dict, storage)
 
     def _blackbox(self, task: Task, method: Method, seed: int, log: Log, cfg_dict: dict,
                   storage: str) -> dict[str, Any]:

@@ -317,6 +317,9 @@ def run_method(task: Task, cfg: Config, method: Method, seed: int, log: Log) -> 
     if method.kind == "stn":
         from .stn_runner import run_stn
         return run_stn(task, cfg, method, seed, log)
+    if method.kind == "pbt":
+        from .pbt_runner import run_pbt
+        return run_pbt(task, cfg, method, seed, log)
     if method.gradient:
         return run_gradient(task, cfg, method, seed, log)
     return run_blackbox(task, cfg, method, seed, log)

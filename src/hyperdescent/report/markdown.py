@@ -17,7 +17,7 @@ from typing import Any
 from ..experiment.config import Config
 from ..experiment.rundir import RunDir
 
-CURVE_KINDS = ("oho_step", "trial", "meta_step")
+CURVE_KINDS = ("oho_step", "trial", "meta_step", "pbt_step")
 
 
 def _finite(x: Any) -> bool:

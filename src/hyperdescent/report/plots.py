@@ -293,6 +293,11 @@ def _offline(path: Path, cfg: Config, records: list[dict]) -> Path | None:
     return plot_offline_schedules(path, cfg, records)
 
 
+def _pbt(path: Path, cfg: Config, records: list[dict]) -> Path | None:
+    from .pbt import plot_pbt
+    return plot_pbt(path, cfg, records)
+
+
 def make_plots(run_dir: Path, cfg: Config, records: list[dict], summary: dict) -> dict[str, Path]:
     """Write every plot that has data into `run_dir`; returns key -> PNG path."""
     run_dir = Path(run_dir)
@@ -305,6 +310,7 @@ def make_plots(run_dir: Path, cfg: Config, records: list[dict], summary: dict) -
         "hparam_trajectories": plot_hparams(run_dir / "hparam_trajectories.png", cfg, records),
         "blackbox_samples": plot_blackbox(run_dir / "blackbox_samples.png", cfg, records),
         "offline_schedules": _offline(run_dir / "offline_schedules.png", cfg, records),
+        "pbt_schedule": _pbt(run_dir / "pbt_schedule.png", cfg, records),
     }
     for k, p in made.items():
         if p is not None:
