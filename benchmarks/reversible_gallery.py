@@ -122,7 +122,7 @@ def l2_penalties(meta_steps: int, out: Path) -> dict:
         ax.axis("off")
     fig.suptitle("log10 weight decay per weight of logistic regression (one 8x8 image a class)",
                  fontsize=9)
-    fig.savefig(out / "reversible_gallery_b.png", dpi=110)
+    fig.savefig(out / "reversible_gallery_b.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return {"meta_steps": meta_steps, "val_loss": losses,
             "log10_wd_range": [float(img.min()), float(img.max())]}
@@ -152,7 +152,7 @@ def training_images(meta_steps: int, out: Path) -> dict:
         ax.set_title(str(c))
         ax.axis("off")
     fig.suptitle("training images learned from blank (one per class)", fontsize=9)
-    fig.savefig(out / "reversible_gallery_c.png", dpi=110)
+    fig.savefig(out / "reversible_gallery_c.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return {"meta_steps": meta_steps, "real_digits_loss": losses, "val_split": len(val[0])}
 
