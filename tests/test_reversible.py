@@ -329,3 +329,11 @@ def test_float32_model_reverses_exactly_and_unknown_options_are_refused():
     assert float(res.grad["lr"]) == pytest.approx(float(ref.grad["lr"]), rel=1e-3)
     with pytest.raises(HyperparameterError, match="unknown option"):
         hd.hypergrad(p, steps=2, method="reversible", window=3)
+
+
+def test_a_reversal_that_misses_warns(monkeypatch):
+    p = problem(logreg(), hd.Space({"lr": LR}), hd.optim.SGD(momentum=0.9))
+    monkeypatch.setattr(RansBuffer, "matches", lambda self, snap: False)
+    with pytest.warns(RuntimeWarning, match="bit for bit"):
+        res = hd.hypergrad(p, steps=3, method="reversible")
+    assert res.stats["reversal_exact"] is False
