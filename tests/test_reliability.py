@@ -463,3 +463,24 @@ def test_four_processes_share_a_journal_file_study_without_losing_a_trial(tmp_pa
     by_number = {t.number: t.value for t in trials}
     assert sorted(r["number"] for r in ran) == list(range(24))
     assert all(by_number[r["number"]] == r["value"] for r in ran)
+
+
+def test_a_run_on_dataloaders_resumes_where_its_streams_were(tmp_path):
+    """Streams cannot replay by index: the record counts the batches each handed out, and a
+    restored run reads past them (exact for loaders that yield the same batches each pass)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = data(n=48)
+
+    def loader_problem():
+        return hd.Problem(mlp(), optimizer=hd.optim.SGD(momentum=0.9), space=space(),
+                          train=DataLoader(TensorDataset(x, y), batch_size=16),
+                          val=DataLoader(TensorDataset(x[:20] + 0.1, y[:20]), batch_size=10),
+                          seed=3)
+
+    whole = hd.OnlineTuner(loader_problem(), meta_lr=0.1).run(8)
+    part = hd.OnlineTuner(loader_problem(), meta_lr=0.1)
+    part.run(8, callback=lambda tu, rec: tu.t == 5 and tu.save(tmp_path / "s.pt"))
+    resumed = hd.OnlineTuner.load(tmp_path / "s.pt", loader_problem())
+    assert resumed.problem.train_data.consumed == 5
+    same_run(resumed.run(8), whole)

@@ -94,6 +94,7 @@ class StreamBatches:
     def __init__(self, iterable: Iterable, name: str, device=None, dtype=None):
         self.iterable, self.name, self.device, self.dtype = iterable, name, device, dtype
         self._it: Iterator | None = None
+        self.consumed = 0  # batches handed out: a checkpoint's position in the stream
 
     full = False
 
@@ -109,6 +110,15 @@ class StreamBatches:
                 self._it = None
         else:
             raise DataError(f"dataset {self.name!r} yielded no batch")
+        self.consumed += 1
         if self.dtype is not None and x.is_floating_point():
             x = x.to(self.dtype)
         return x.to(self.device), y.to(self.device)
+
+    def skip_to(self, consumed: int) -> None:
+        """Read and drop batches from a fresh pass until `consumed` have been handed out: a
+        restored run's stream then continues where the saved one was, exactly so when the
+        iterable yields the same batches on every pass (a seeded DataLoader)."""
+        self._it, self.consumed = None, 0
+        while self.consumed < consumed:
+            self(self.consumed)

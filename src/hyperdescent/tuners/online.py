@@ -300,7 +300,11 @@ class OnlineTuner:
         return {**self._core(), "config": cfg, "elapsed": self.elapsed,
                 "horizon": self.horizon, "history": self.history, "events": self.events,
                 "guard": self.guard.state_dict(), "rng": rng_state(),
-                "data": {"replayable": self.problem.replayable, "position": self.t}}
+                "data": {"replayable": self.problem.replayable, "position": self.t,
+                         **{f"{name}_consumed": stream.consumed
+                            for name, stream in (("train", self.problem.train_data),
+                                                 ("val", self.problem.val_data))
+                            if hasattr(stream, "consumed")}}}
 
     def save(self, path: str | Path) -> None:
         """Write the whole tuner state to `path` atomically (fsync'd temp file + rename)."""
@@ -318,6 +322,9 @@ class OnlineTuner:
         tuner.events = list(sd["events"])
         tuner.elapsed = sd["elapsed"]
         tuner.guard.load_state_dict(sd["guard"])
+        for name, stream in (("train", problem.train_data), ("val", problem.val_data)):
+            if hasattr(stream, "skip_to") and f"{name}_consumed" in sd.get("data", {}):
+                stream.skip_to(sd["data"][f"{name}_consumed"])
         if "rng" in sd:
             set_rng_state(sd["rng"])
         return tuner
