@@ -8,6 +8,9 @@ method="greedy" (one-step lookahead) and with method="forward", reset_every=H (h
 over one run of the same length; test accuracy of the final weights. Hand-made schedules
 (constant, step x0.1 at 50% and 75%, cosine; momentum 0.9, no weight decay) each take the
 learning rate of a grid with the best mean validation accuracy over the seeds.
+Part "online" reruns the two online tuners with a constant learning rate (`--online-K 1`): an
+online tuner's trajectory is itself a schedule, while with Piecewise blocks each block starts
+again from the initial value when training reaches it.
 
 Run: .venv/bin/python benchmarks/fds_vs_greedy.py [--seeds 5] [--epochs 10] [--meta-steps 10]
 Writes benchmarks/results/fds_vs_greedy.json and fds_vs_greedy.png.
@@ -124,7 +127,8 @@ def main(argv=None):
     ap.add_argument("--K", type=int, default=5)
     ap.add_argument("--reset-every", type=int, default=50)
     ap.add_argument("--lr-grid", type=float, nargs="+", default=[0.03, 0.1, 0.3, 1.0])
-    ap.add_argument("--parts", nargs="+", default=["tuners", "hand"])
+    ap.add_argument("--parts", nargs="+", default=["tuners", "hand", "online"])
+    ap.add_argument("--online-K", type=int, default=1)
     args = ap.parse_args(argv)
     from fds_common import RESULTS, epochs_to_steps, write
 
@@ -151,6 +155,27 @@ def main(argv=None):
         plot(RESULTS / "fds_vs_greedy.png", runs, T)
         for m, v in out["summary"].items():
             print(f"{m:18s} test acc {v['mean']:.4f} ± {v['std']:.4f} (n={v['n']})")
+    if "online" in args.parts:
+        path = RESULTS / "fds_vs_greedy.json"
+        if "runs" not in out and path.exists():
+            import json
+            out = {**json.loads(path.read_text()), **{k: v for k, v in out.items()}}
+        runs = []
+        for s in range(args.seeds):
+            for r in (online(task, T, s, args.online_K, "greedy", None),
+                      online(task, T, s, args.online_K, "forward", args.reset_every)):
+                runs.append(r)
+                print(f"{r['method']:18s} K={args.online_K} seed {s}: test_acc "
+                      f"{r['test_acc']:.4f} final lr {r['final']['lr']} ({r['seconds']:.0f}s)",
+                      flush=True)
+        key = f"online_K{args.online_K}"
+        out[key] = {"runs": runs, "summary": {m: summary([r for r in runs if r["method"] == m])
+                                              for m in dict.fromkeys(r["method"] for r in runs)}}
+        for m, v in out[key]["summary"].items():
+            print(f"{m:18s} K={args.online_K} test acc {v['mean']:.4f} ± {v['std']:.4f}")
+        write("fds_vs_greedy", out)
+        fds_runs = [r for r in out.get("runs", []) if r["method"] == "fds"]
+        plot(RESULTS / "fds_vs_greedy.png", fds_runs + runs, T)
     if "hand" in args.parts:
         hand_runs = [hand(task, T, s, kind, lr) for kind in ("constant", "step", "cosine")
                      for lr in args.lr_grid for s in range(args.seeds)]
