@@ -64,7 +64,8 @@ def _matrix():
     cases = []
     for opt, names in TUNABLE.items():
         for options in _options(opt):
-            for tuned in [(n,) for n in names] + [names]:
+            # each alone, OHO's flagship pair (SGD's heavy-ball kernel), and all at once
+            for tuned in [(n,) for n in names] + [("lr", "weight_decay"), names]:
                 if tuned == ("dampening",) and options["momentum"] == 0:
                     continue  # no momentum buffer: dampening has no effect to test
                 tag = "+".join(tuned) if len(tuned) < len(names) else "all"
