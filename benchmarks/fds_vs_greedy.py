@@ -8,7 +8,7 @@ method="greedy" (one-step lookahead) and with method="forward", reset_every=H (h
 over one run of the same length; test accuracy of the final weights. Hand-made schedules
 (constant, step x0.1 at 50% and 75%, cosine; momentum 0.9, no weight decay) each take the
 learning rate of a grid with the best mean validation accuracy over the seeds.
-Part "online" reruns the two online tuners with a constant learning rate (`--online-K 1`): an
+Part "fds_zero" runs FDS from the paper's start (all three at 0). Part "online" reruns the two online tuners with a constant learning rate (`--online-K 1`): an
 online tuner's trajectory is itself a schedule, while with Piecewise blocks each block starts
 again from the initial value when training reaches it.
 
@@ -36,12 +36,14 @@ def space(K):
     return fds_space(K=K, **START)
 
 
-def fds(task, T, seed, meta_steps, K):
+def fds(task, T, seed, meta_steps, K, start=None):
     from fds_common import make_problem
 
     import hyperdescent as hd
     t0 = time.perf_counter()
-    off = hd.OfflineTuner(make_problem(task, space(K), seed=seed), method="fds", steps=T,
+    from hyperdescent.tuners.offline import fds_space
+    sp = space(K) if start is None else fds_space(K=K, **start)
+    off = hd.OfflineTuner(make_problem(task, sp, seed=seed), method="fds", steps=T,
                           meta_steps=meta_steps, seed=seed).run()
     out = off.retrain(steps=T, on="train")
     return {"method": "fds", "seed": seed, "test_acc": out["test_acc"],
@@ -155,6 +157,22 @@ def main(argv=None):
         plot(RESULTS / "fds_vs_greedy.png", runs, T)
         for m, v in out["summary"].items():
             print(f"{m:18s} test acc {v['mean']:.4f} ± {v['std']:.4f} (n={v['n']})")
+    if "fds_zero" in args.parts:  # the paper's start: every hyperparameter at 0
+        path = RESULTS / "fds_vs_greedy.json"
+        if "runs" not in out and path.exists():
+            import json
+            out = {**json.loads(path.read_text()), **out}
+        zero = {"lr": 0.0, "momentum": 0.0, "weight_decay": 0.0}
+        runs = []
+        for s in range(args.seeds):
+            r = fds(task, T, s, args.meta_steps, args.K, start=zero)
+            runs.append(r)
+            print(f"fds from 0 seed {s}: test_acc {r['test_acc']:.4f} final lr "
+                  f"{[round(x, 3) for x in r['final']['lr']]} ({r['seconds']:.0f}s)", flush=True)
+            out["fds_zero"] = {"runs": runs, "summary": summary(runs)}
+            write("fds_vs_greedy", out)
+        v = out["fds_zero"]["summary"]
+        print(f"fds from 0: test acc {v['mean']:.4f} ± {v['std']:.4f} (n={v['n']})")
     if "online" in args.parts:
         path = RESULTS / "fds_vs_greedy.json"
         if "runs" not in out and path.exists():

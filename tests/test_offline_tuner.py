@@ -240,3 +240,15 @@ def test_reversible_meta_steps_match_reverse():
     g, h = rev.history[0]["hypergrad"], rvs.history[0]["hypergrad"]
     assert h["lr"] == pytest.approx(g["lr"], rel=1e-5)
     assert h["weight_decay"] == pytest.approx(g["weight_decay"], rel=1e-5)
+
+
+def test_fds_per_layer_schedule_keeps_api_shapes():
+    space = hd.Space({"lr": hd.Real(0.0, low=0.0, high=1.0, per="layer",
+                                    schedule=hd.Piecewise(2))})
+    off = OfflineTuner(make_problem(space), steps=4, meta_steps=1).run()
+    lr = off.hparams["lr"]
+    assert isinstance(lr, dict) and all(v.shape == (2,) for v in lr.values())
+    assert all(bool((v >= 0).all()) for v in lr.values())
+    assert any(bool((v > 0).any()) for v in lr.values())
+    assert isinstance(off.history[0]["hypergrad"]["lr"], dict)
+    assert len(off.schedule(steps=6)) == 6
