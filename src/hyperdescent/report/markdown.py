@@ -185,6 +185,7 @@ def write_markdown(run_dir: Path, cfg: Config, summary: dict[str, Any],
         "hparam_trajectories": "Hyperparameters along the gradient methods' training runs.",
         "blackbox_samples": "Points sampled by the black-box searches, coloured by final "
                             "validation loss (x: pruned trials).",
+        "offline_schedules": "Schedules an offline tuner learned, one line per meta-step.",
     }
     if plots:
         lines += ["", "## Plots", ""]
