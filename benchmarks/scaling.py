@@ -152,20 +152,32 @@ def main(argv=None):
     result["machine"]["load_avg_1m_end"] = os.getloadavg()[0]
     OUT.mkdir(exist_ok=True)
     (OUT / "scaling.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = markdown(result, args.trials)
+    (OUT / "scaling.md").write_text(text)
+    print(text)
+
+
+def markdown(result: dict, trials: int) -> str:
+    """The tables of scaling.md, with a warning when the machine was busy with other work."""
+    m = result["machine"]
     lines = ["# Scaling out", "",
-             f"{result['machine']['cpus']} CPUs, load average {result['machine']['load_avg_1m']:.1f}"
-             f" at the start, {result['machine']['load_avg_1m_end']:.1f} at the end.", "",
+             f"{m['cpus']} CPUs, load average {m['load_avg_1m']:.1f} at the start, "
+             f"{m['load_avg_1m_end']:.1f} at the end.", "",
              "| processes | steps/s (OnlineTuner, forward, batch 128 split over ranks) |",
              "|---|---|"]
     lines += [f"| {r['procs']} | {r['steps_per_s']:.1f} |" for r in result["data_parallel"]]
+    if max(m["load_avg_1m"], m["load_avg_1m_end"]) > m["cpus"]:
+        lines += ["", "The machine was busy with other work (load above its CPU count): N "
+                  "processes then also get N times the CPU share of one, so the ratio of the "
+                  "rows overstates what N processes gain on an idle machine, and every time is "
+                  "slower than it would be there."]
     if "compare" in result:
-        lines += ["", f"| executor | wall time of a {args.trials}-trial compare run (s) |",
+        lines += ["", f"| executor | wall time of a {trials}-trial compare run (s) |",
                   "|---|---|"]
         lines += [f"| {r['executor']} | {r['wall_s']:.1f}"
                   + (f" (+ {r['ray_init_s']:.1f} ray.init)" if r["ray_init_s"] else "") + " |"
                   for r in result["compare"]]
-    (OUT / "scaling.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
