@@ -70,6 +70,7 @@ def test_hvps_stat_is_the_number_of_hessian_vector_products_autograd_runs(method
     res = hd.hypergrad(p, steps=5, method=method, **options)
     counted = _CountSecond.count
     assert res.stats["hvps"] == counted, (res.stats["hvps"], counted)
+    assert res.stats["method"] == method and res.stats["steps"] == 5
     if method != "greedy":
         assert counted > 0
 

@@ -140,7 +140,19 @@ def test_max_rollbacks_exhausted_on_a_finite_loss_logs_once_and_runs_on():
     # past the limit the spiked step is kept: its record is in the history, the run goes on
     rec = next(r for r in tuner.history if r["step"] == exhausted["step"])
     assert rec["train_loss"] == exhausted["train_loss"]
+    assert "wall_time" in rec
     assert [r["step"] for r in tuner.history] == list(range(14))
+
+
+def test_max_rollbacks_counts_every_rollback():
+    """max_rollbacks=2: two rollbacks, then the guard stands aside at the third spike."""
+    loss = Spiking(at={7, 9, 11})
+    tuner = tuner_with(loss, meta_lr=0.1, snapshot_every=2, max_rollbacks=2)
+    drive(tuner, loss, 14)
+    assert [e["event"] for e in tuner.events] == ["rollback", "rollback", "guard_exhausted"]
+    assert tuner.rollbacks == 2
+    # each rollback halves the meta learning rate again
+    assert [e["meta_lr"] for e in tuner.events[:2]] == pytest.approx([0.05, 0.025])
 
 
 def test_max_rollbacks_exhausted_on_a_non_finite_loss_raises():

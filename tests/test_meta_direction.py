@@ -135,3 +135,15 @@ def test_meta_step_records_the_signed_hypergradient(method):
     ref = hd.hypergrad(make_problem(), steps=T, **ref_call)
     for n in NAMES:
         assert float(rec["hypergrad"][n]) == pytest.approx(ref.grad[n].item(), rel=1e-9), n
+
+
+def test_run_sets_the_schedule_horizon_to_its_steps():
+    """run(T) on a fresh tuner makes T the horizon: a Piecewise(2) learning rate uses its
+    first value for steps 0..T/2-1 and its second after (meta_lr 0: the values stay put)."""
+    p = make_problem(hd.Space({
+        "lr": hd.Real(0.05, low=1e-4, high=1.0, log=True, schedule=hd.Piecewise(2)),
+        "weight_decay": hd.Real(1e-2, low=1e-6, high=0.5, log=True)}))
+    p.set_hparams({"lr": torch.tensor([0.05, 0.01], dtype=torch.float64)})
+    tuner = hd.OnlineTuner(p, meta_optimizer="sgd", meta_lr=0.0).run(6)
+    used = [r["hparams"]["lr"] for r in tuner.history]
+    assert used == pytest.approx([0.05] * 3 + [0.01] * 3, rel=1e-12)
