@@ -12,6 +12,7 @@ import torch
 from helpers import data, mlp
 
 import hyperdescent as hd
+from hyperdescent.data import seed_for
 from hyperdescent.errors import HyperparameterTypeError, InputTypeError
 from hyperdescent.tuners.guard import DivergenceGuard, noise_sd
 
@@ -419,6 +420,55 @@ def test_a_loss_that_overflows_in_float16_is_rolled_back():
     tuner, loss = faulty_tuner(lambda v: (v * 1e5).half().float() * v / v.detach(), at={7})
     drive(tuner, loss, 12)
     assert [e["event"] for e in tuner.events] == ["rollback"]
+    assert finite_hparams(tuner)
+
+
+class Float16(torch.nn.Module):
+    """A model run under float16 autocast (CPU), as mixed-precision training runs it."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.float16):
+            return self.inner(x).float()
+
+
+def test_a_batch_that_overflows_under_float16_autocast_is_skipped_after_one_rollback():
+    """One training batch with inputs 1e6 overflows float16 whatever the weights: it is rolled
+    back once, overflows again on the replay, and is then skipped; the run goes on."""
+    x, y = data(n=48)
+    x = x.float()
+    # epoch 0's order at the problem's seed 3
+    order = torch.randperm(48, generator=torch.Generator().manual_seed(seed_for(3, 0, 0)))
+    clean = x.clone()
+    x[order[32:48]] *= 1e6  # batch 2 of every epoch-0 pass (batch size 16)
+    torch.manual_seed(1)
+    model = Float16(torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(),
+                                        torch.nn.Linear(8, 3)))
+    p = hd.Problem(model, optimizer=hd.optim.SGD(momentum=0.9),
+                   space=hd.Space({"lr": hd.Real(0.05, low=1e-4, high=1.0, log=True)}),
+                   train=(x, y), val=(clean[:8], y[:8]), batch_size=16, seed=3)
+    tuner = hd.OnlineTuner(p, meta_lr=0.1, snapshot_every=2).run(3)
+    assert [e["event"] for e in tuner.events] == ["rollback", "skipped_step"]
+    assert tuner.events[1]["step"] == 2 and "again after a rollback" in tuner.events[1]["why"]
+    assert [r["step"] for r in tuner.history] == [0, 1, 2]
+    assert tuner.history[2]["event"] == "skipped_step"
+    assert all(torch.isfinite(p).all() for p in tuner.state.params.values())
+    assert finite_hparams(tuner)
+
+
+def test_a_batch_with_nan_values_is_skipped_without_a_rollback():
+    x, y = data(n=48)
+    x[5, 2] = math.nan
+    p = hd.Problem(mlp(), optimizer=hd.optim.SGD(momentum=0.9), space=space(), train=(x, y),
+                   val=(x[6:26], y[6:26]), batch_size=16, seed=3)
+    tuner = hd.OnlineTuner(p, meta_lr=0.1).run(9)
+    skipped = [r["step"] for r in tuner.history if r.get("event") == "skipped_step"]
+    assert len(skipped) == 3  # one batch of each of the 3 epochs holds row 5
+    assert all(e["why"] == "non-finite values in the training batch" for e in tuner.events)
+    assert tuner.rollbacks == 0 and [r["step"] for r in tuner.history] == list(range(9))
     assert finite_hparams(tuner)
 
 

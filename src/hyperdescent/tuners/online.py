@@ -131,6 +131,7 @@ class OnlineTuner:
         self.carry = self.engine.init()
         self.history: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
+        self._fault_step: int | None = None  # the step of the last non-finite rollback
         self.t = 0
         self.elapsed = 0.0
         self.guard.snapshot(self._snapshot())
@@ -187,11 +188,27 @@ class OnlineTuner:
             self.carry = self.engine.reset(self.carry)
         if batch is None and cfg["method"] != "truncated":
             batch = problem.train_batch(t)
+        checked = batch if batch is not None or not problem.replayable else problem.train_batch(t)
+        if checked is not None and not _finite_batch(checked):
+            self.t += 1
+            return self._skip(t0, {"step": t, "train_loss": math.nan, "hparams": hp_used},
+                              "non-finite values in the training batch")
+        # engines never write a state or carry in place: these stay the pre-step ones
+        before = (self.state, self.carry)
         self.state, self.carry, loss = self.engine.step(self.carry, self.state, batch, leaves, t)
         record: dict[str, Any] = {"step": t, "train_loss": loss.item(), "hparams": hp_used,
                                   "tangent_norm": self.engine.tangent_norm(self.carry)}
         self.t += 1
         if self.guard.diverged(self.t, record["train_loss"]):
+            if not math.isfinite(record["train_loss"]) and self._fault_step == t:
+                # non-finite again at the same step after rolling back to before it: the
+                # batch overflows whatever the weights, so it is skipped, not retried
+                self.state, self.carry = before
+                self._fault_step = None
+                return self._skip(t0, record, "non-finite training loss again after a "
+                                              "rollback")
+            if not math.isfinite(record["train_loss"]):
+                self._fault_step = t
             self.elapsed += time.perf_counter() - t0
             return self._rollback(record)
         if self.t % cfg["hyper_every"] == 0:
@@ -224,6 +241,18 @@ class OnlineTuner:
         return out
 
     # -- stability -----------------------------------------------------------------------
+    def _skip(self, t0: float, record: dict[str, Any], why: str) -> dict[str, Any]:
+        """Step `record["step"]` leaves weights, carry and hyperparameters as they were; the
+        history keeps its record with the reason."""
+        self.elapsed += time.perf_counter() - t0
+        event = {"step": record["step"], "event": "skipped_step", "why": why}
+        self.events.append(event)
+        record = {**record, **event, "wall_time": self.elapsed}
+        self.history.append(record)
+        if self.guard.due(self.t):
+            self.guard.snapshot(self._snapshot())
+        return record
+
     def _rollback(self, record: dict[str, Any]) -> dict[str, Any]:
         """Diverging inner loss: restore the older snapshot, halve the meta learning rate and
         backtrack the step sizes."""
@@ -300,6 +329,7 @@ class OnlineTuner:
         return {**self._core(), "config": cfg, "elapsed": self.elapsed,
                 "horizon": self.horizon, "history": self.history, "events": self.events,
                 "guard": self.guard.state_dict(), "rng": rng_state(),
+                "fault_step": self._fault_step,
                 "data": {"replayable": self.problem.replayable, "position": self.t,
                          **{f"{name}_consumed": stream.consumed
                             for name, stream in (("train", self.problem.train_data),
@@ -322,6 +352,7 @@ class OnlineTuner:
         tuner.events = list(sd["events"])
         tuner.elapsed = sd["elapsed"]
         tuner.guard.load_state_dict(sd["guard"])
+        tuner._fault_step = sd.get("fault_step")
         for name, stream in (("train", problem.train_data), ("val", problem.val_data)):
             if hasattr(stream, "skip_to") and f"{name}_consumed" in sd.get("data", {}):
                 stream.skip_to(sd["data"][f"{name}_consumed"])
@@ -360,6 +391,12 @@ class OnlineTuner:
     def evaluate(self, which: str = "val") -> dict[str, float]:
         """Loss and accuracy of the current weights on the whole val or test split."""
         return self.problem.evaluate(self.state.params, self.state.buffers, which)
+
+
+def _finite_batch(batch) -> bool:
+    """Whether the floating-point tensors of an (x, y) batch hold only finite values."""
+    return all(torch.isfinite(v).all().item() for v in batch
+               if isinstance(v, torch.Tensor) and v.is_floating_point())
 
 
 def _check_int(name: str, v, low: int) -> None:
