@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import hyperdescent as hd
 from hyperdescent import cli
-from hyperdescent.experiment.config import validate_config
+from hyperdescent.experiment.config import load_config, validate_config
 from hyperdescent.experiment.runners import build_space
 from hyperdescent.tasks import get as get_task
 
@@ -170,6 +170,20 @@ def test_configs_either_validate_and_build_their_spaces_or_raise_our_error(key, 
         space = attempt(build_space, task, cfg, method)
         if space is not None:
             assert isinstance(space, hd.Space)
+
+
+@FUZZ
+@given(text=st.one_of(st.text(max_size=80), st.sampled_from([
+    'task = "digits_logreg"\n[budget]\ninner_steps = 5\n[[methods]]\nlabel = "a"\nkind = "oho"\n',
+    'task = 3\n', '[budget\n', 'seeds = [1, 1]\n', '[[methods]]\nkind = "nope"\n'])),
+    suffix=st.sampled_from(["", "\n[space.lr]\ninit = -1\n", "\nsteps = 0\n", "\x00"]))
+def test_config_files_either_load_or_raise_our_error(text, suffix, tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "c.toml"
+    path.write_text(text + suffix)
+    cfg = attempt(load_config, path)
+    if cfg is not None:
+        for method in cfg.methods:
+            attempt(build_space, get_task(cfg.task), cfg, method)
 
 
 CLI_WORDS = ["run", "compare", "report", "demo", "--out", "--method", "--budget", "--seeds",
