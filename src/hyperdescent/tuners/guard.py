@@ -72,10 +72,10 @@ class DivergenceGuard:
     above the first loss) or above three times the first loss; or (after step 20) when the
     running average, less z times its own noise, climbed above its best, plus z times the
     best's noise, by more than `trend_factor - 1` of the best or, early on, by more than
-    `giveback` of the progress made since the first loss (plus z·σ: a low first loss is
-    not progress lost) (a run stalling back at chance, dead
-    ReLUs, shows no single spike). The best is the lowest such upper bound seen, so a low
-    average early on, when it rests on a few losses, does not make a later one look high.
+    `giveback` of the progress made since the first loss (taken z·σ higher: a low first
+    loss is no progress to give back). A run stalling back at chance (dead ReLUs) shows no
+    single spike; the trend rules catch it. The best is the average with the lowest upper
+    bound seen, so an early average resting on few losses does not make later ones look high.
     With a noiseless loss these are the plain rules. Two snapshots are kept: the newer one may
     already hold a state about to blow up, so a rollback lands on the older one, validated by
     `snapshot_every` healthy steps. `backoff` halves a meta learning rate at a rollback, never
