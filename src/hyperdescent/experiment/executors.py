@@ -3,9 +3,10 @@ trials (`executor = "ray"`, Liaw et al. 2018, "Tune: a research platform for dis
 selection and training").
 
 Under Ray, each black-box trial is one Tune trial, proposed by the method's Optuna sampler
-(ask/tell in this process) and cut, like a local trial, at its next evaluation once the budget is
-spent or the Optuna pruner says so; each gradient-based run (oho, greedy, truncated, fds, stn) is
-one Tune trial. Every trial reports its records as it goes, with a checkpoint of how many it has
+(ask/tell in this process) and cut, like a local trial, at its next evaluation once the budget
+is spent or the Optuna pruner says so (with trials in parallel, each may run one evaluation
+interval past the budget, as one local trial may); each gradient-based run (oho, greedy,
+truncated, fds, stn) is one Tune trial, and a `pbt` run drives its own Tuner from here. Every trial reports its records as it goes, with a checkpoint of how many it has
 reported: a trial restarted after its worker died (`max_failures`) reports only the rest, so the
 run directory holds each record once. Records are written here, by the driver, into the same
 run directory as a local run's.
