@@ -147,6 +147,11 @@ def main(argv=None):
     result = {"machine": {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
                           "torch": torch.__version__},
               "data_parallel": data_parallel(args)}
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        print("Ray is not installed (pip install 'hyperdescent[ray]'): compare timing skipped")
+        args.skip_ray = True
     if not args.skip_ray:
         result["compare"] = compare_wall(args)
     result["machine"]["load_avg_1m_end"] = os.getloadavg()[0]
