@@ -143,19 +143,26 @@ class RansBuffer:
         if bits == 0:
             return  # base 1: nothing to code
         if bits is not None:  # a power of two: the digit's bits go below the head's
-            emit = x >= 1 << (63 - bits)
-            if bool(emit.any()):
-                self._put(x[emit] & WORD_MASK)
-                x = torch.where(emit, x >> WORD_BITS, x)
-            self.head = (x << bits) | sym
+            emit = torch.nonzero(x >= 1 << (63 - bits)).squeeze(1)
+            # (the emitting lanes' values wrap here and are overwritten below)
+            head = torch.add(sym, x, alpha=1 << bits)
+            if emit.numel():
+                words = x.index_select(0, emit)
+                self._put(words & WORD_MASK)
+                head.index_copy_(0, emit, torch.add(sym.index_select(0, emit),
+                                                    words >> WORD_BITS, alpha=1 << bits))
+            self.head = head
             return
         start, freq = self._interval(sym, base)
-        emit = (x >> _EMIT_SHIFT) >= freq  # x >= freq·2^39 without overflowing at freq = 2^24
-        if bool(emit.any()):
-            self._put(x[emit] & WORD_MASK)
-            x = torch.where(emit, x >> WORD_BITS, x)
+        # x >= freq·2^39, without overflowing at freq = 2^24
+        emit = torch.nonzero((x >> _EMIT_SHIFT) >= freq).squeeze(1)
+        if emit.numel():
+            words = x.index_select(0, emit)
+            self._put(words & WORD_MASK)
+            x = x.index_copy(0, emit, words >> WORD_BITS)
         q = torch.div(x, freq, rounding_mode="floor")
-        self.head = (q << PRECISION_BITS) + (x - q * freq) + start
+        # q·2^24 + (x mod freq) + start
+        self.head = torch.addcmul(x + start, q, PRECISION - freq)
 
     def pop(self, base, check: bool = True) -> torch.Tensor:
         """Decode one digit per lane in [0, base): the inverse of `push`."""
@@ -173,11 +180,10 @@ class RansBuffer:
             # the largest digit whose interval starts at or below the slot
             sym = (slot * base + (base - 1)) >> PRECISION_BITS
             start, freq = self._interval(sym, base)
-            x = freq * (x >> PRECISION_BITS) + slot - start
-        need = x < HEAD_LOW
-        k = int(need.sum())
-        if k:
-            x = x.clone()
-            x[need] = (x[need] << WORD_BITS) | self._take(k)
+            x = torch.addcmul(slot - start, freq, x >> PRECISION_BITS)
+        need = torch.nonzero(x < HEAD_LOW).squeeze(1)
+        if need.numel():  # x is a fresh tensor: refill its low heads in place
+            words = self._take(need.numel())
+            x.index_copy_(0, need, (x.index_select(0, need) << WORD_BITS) | words)
         self.head = x
         return sym

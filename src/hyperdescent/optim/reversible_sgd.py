@@ -196,14 +196,18 @@ def mul_momentum(v: torch.Tensor, n, buffer, denom: int = MOMENTUM_DENOM) -> tor
     (Maclaurin et al. 2015, Sec. 2.3)."""
     shift = denom.bit_length() - 1  # denom is a power of two: floor division is a shift
     buffer.push(v & (denom - 1), denom, check=False)
-    return (v >> shift) * n + buffer.pop(n, check=False)
+    digit = buffer.pop(n, check=False)
+    if isinstance(n, int):
+        return torch.add(digit, v >> shift, alpha=n)
+    return torch.addcmul(digit, v >> shift, n)
 
 
 def div_momentum(v: torch.Tensor, n, buffer, denom: int = MOMENTUM_DENOM) -> torch.Tensor:
     """The exact inverse of `mul_momentum`: push v mod n back, pop the remainder of d."""
     q = torch.div(v, n, rounding_mode="floor")
-    buffer.push(v - q * n, n, check=False)
-    return q * denom + buffer.pop(denom, check=False)
+    rest = torch.add(v, q, alpha=-n) if isinstance(n, int) else torch.addcmul(v, q, n, value=-1)
+    buffer.push(rest, n, check=False)
+    return torch.add(buffer.pop(denom, check=False), q, alpha=denom)
 
 
 def decayed_gradient(grad: torch.Tensor, theta: torch.Tensor, wd) -> torch.Tensor:
