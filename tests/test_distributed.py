@@ -126,6 +126,14 @@ def test_only_rank_zero_writes(monkeypatch, tmp_path):
     monkeypatch.setattr(dp, "rank", lambda: 1)
     save_record(tmp_path / "r.pt", {"a": torch.ones(1)}, "OnlineTuner")
     assert not (tmp_path / "r.pt").exists()
+    from hyperdescent.experiment.rundir import RunDir
+    run = RunDir(tmp_path)
+    run.log({"kind": "x"})
+    run.write_summary({"a": 1})
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "summary.json").exists()
     monkeypatch.setattr(dp, "rank", lambda: 0)
     save_record(tmp_path / "r.pt", {"a": torch.ones(1)}, "OnlineTuner")
     assert (tmp_path / "r.pt").exists()
+    run.log({"kind": "x"})
+    run.close()
+    assert run.records() == [{"kind": "x"}]
