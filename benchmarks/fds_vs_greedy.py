@@ -8,7 +8,8 @@ method="greedy" (one-step lookahead) and with method="forward", reset_every=H (h
 over one run of the same length; test accuracy of the final weights. Hand-made schedules
 (constant, step x0.1 at 50% and 75%, cosine; momentum 0.9, no weight decay) each take the
 learning rate of a grid with the best mean validation accuracy over the seeds.
-Part "fds_zero" runs FDS from the paper's start (all three at 0). Part "online" reruns the two online tuners with a constant learning rate (`--online-K 1`): an
+Parts "fds_zero" / "fds_common" run FDS alone from the paper's start (all three at 0) / the
+common start, each retrained with the last values and with the best meta-step's. Part "online" reruns the two online tuners with a constant learning rate (`--online-K 1`): an
 online tuner's trajectory is itself a schedule, while with Piecewise blocks each block starts
 again from the initial value when training reaches it.
 
@@ -46,8 +47,12 @@ def fds(task, T, seed, meta_steps, K, start=None):
     off = hd.OfflineTuner(make_problem(task, sp, seed=seed), method="fds", steps=T,
                           meta_steps=meta_steps, seed=seed).run()
     out = off.retrain(steps=T, on="train")
+    seconds = time.perf_counter() - t0
+    best = off.retrain(steps=T, on="train", values="best")
     return {"method": "fds", "seed": seed, "test_acc": out["test_acc"],
-            "test_loss": out["test_loss"], "seconds": time.perf_counter() - t0,
+            "test_loss": out["test_loss"], "seconds": seconds,
+            "test_acc_best_values": best["test_acc"], "test_loss_best_values": best["test_loss"],
+            "best_meta_step": off._best["meta_step"],
             "inner_steps": off.inner_steps + T, "backtracks": off.backtracks,
             "schedule": [r["lr"] for r in off.schedule().values],
             "final": {k: v.tolist() for k, v in off.hparams.items()},
@@ -157,22 +162,29 @@ def main(argv=None):
         plot(RESULTS / "fds_vs_greedy.png", runs, T)
         for m, v in out["summary"].items():
             print(f"{m:18s} test acc {v['mean']:.4f} ± {v['std']:.4f} (n={v['n']})")
-    if "fds_zero" in args.parts:  # the paper's start: every hyperparameter at 0
+    for part, start in (("fds_common", None),  # FDS alone again, from the common start
+                        ("fds_zero", {"lr": 0.0, "momentum": 0.0, "weight_decay": 0.0})):
+        if part not in args.parts:  # fds_zero: the paper's start, every hyperparameter at 0
+            continue
         path = RESULTS / "fds_vs_greedy.json"
         if "runs" not in out and path.exists():
             import json
             out = {**json.loads(path.read_text()), **out}
-        zero = {"lr": 0.0, "momentum": 0.0, "weight_decay": 0.0}
         runs = []
         for s in range(args.seeds):
-            r = fds(task, T, s, args.meta_steps, args.K, start=zero)
+            r = fds(task, T, s, args.meta_steps, args.K, start=start)
             runs.append(r)
-            print(f"fds from 0 seed {s}: test_acc {r['test_acc']:.4f} final lr "
+            print(f"{part} seed {s}: test_acc {r['test_acc']:.4f} (best values "
+                  f"{r['test_acc_best_values']:.4f}) final lr "
                   f"{[round(x, 3) for x in r['final']['lr']]} ({r['seconds']:.0f}s)", flush=True)
-            out["fds_zero"] = {"runs": runs, "summary": summary(runs)}
+            best = [{"test_acc": r["test_acc_best_values"], "seconds": r["seconds"]}
+                    for r in runs]
+            out[part] = {"runs": runs, "summary": summary(runs),
+                         "summary_best_values": summary(best)}
             write("fds_vs_greedy", out)
-        v = out["fds_zero"]["summary"]
-        print(f"fds from 0: test acc {v['mean']:.4f} ± {v['std']:.4f} (n={v['n']})")
+        v, b = out[part]["summary"], out[part]["summary_best_values"]
+        print(f"{part}: test acc {v['mean']:.4f} ± {v['std']:.4f}, best values "
+              f"{b['mean']:.4f} ± {b['std']:.4f} (n={v['n']})")
     if "online" in args.parts:
         path = RESULTS / "fds_vs_greedy.json"
         if "runs" not in out and path.exists():

@@ -140,6 +140,8 @@ def test_save_load_mid_run_ends_bit_identical(tmp_path):
     assert strip == [{k: v for k, v in r.items() if "wall" not in k and "memory" not in k}
                      for r in back.history]
     assert torch.load(ck, weights_only=True)["m"] == 1 and back.m == 3
+    assert back._best["meta_step"] == full._best["meta_step"]
+    assert back.retrain(values="best") == full.retrain(values="best")
 
 
 def test_schedule_and_retrain_stretch_blocks_by_fraction_of_training():
@@ -154,6 +156,11 @@ def test_schedule_and_retrain_stretch_blocks_by_fraction_of_training():
     # default length: as many epochs as the tuning runs (train 48 + val 20 rows vs 48)
     assert off.retrain()["steps"] == round(4 * 68 / 48)
     assert isinstance(off.model, torch.nn.Module)
+    with pytest.raises(hd.HyperparameterError, match="meta-step"):
+        off.retrain(values="best")
+    off.run(meta_steps=2)
+    best = min(off.history, key=lambda r: r["val_loss"])
+    assert [float(x) for x in off.best_hparams["lr"]] == best["hparams"]["lr"]
 
 
 def test_adam_on_raw_coordinates_for_reverse():

@@ -157,6 +157,7 @@ class OfflineTuner:
         self.inner_steps = 0
         self.backtracks = 0
         self._good: dict | None = None  # values and outer state before the last update
+        self._best: dict | None = None  # the values of the run with the lowest val loss
         self._final: InnerState | None = None
         self._final_problem: Problem | None = None
 
@@ -252,7 +253,7 @@ class OfflineTuner:
             (x.index_select(0, vi), y.index_select(0, vi))
 
     def _inner_problem(self, m: int, train=None, val=None, init_seed: int | None = None,
-                       fresh: bool | None = None) -> Problem:
+                       fresh: bool | None = None, hparams: dict | None = None) -> Problem:
         p, cfg = self.problem, self.config
         fresh = cfg["fresh_init"] if fresh is None else fresh
         seed_m = self.meta_seed(m)
@@ -265,7 +266,7 @@ class OfflineTuner:
                       val=val, test=test, batch_size=p.batch_size, val_batch_size=val_bs,
                       seed=seed_m if cfg["reshuffle"] else p.seed, regularizer=p.regularizer,
                       eval_mode=p.eval_mode, distributed=p.distributed)
-        sub.set_hparams(self.hparams)
+        sub.set_hparams(self.hparams if hparams is None else hparams)
         return sub
 
     # -- hyperparameters -------------------------------------------------------------------
@@ -319,6 +320,8 @@ class OfflineTuner:
             record.update(self._backtrack(res.value))
         else:
             self._good = {"values": used, "meta": self.meta.state_dict()}
+            if self._best is None or res.value < self._best["val_loss"]:
+                self._best = {"val_loss": res.value, "meta_step": self.m, "values": used}
             self._update(grads, raw_grads)
             if self.config["meta_optimizer"] == "fds":
                 record["step_sizes"] = to_plain(unflatten(self.meta.step_sizes, self.like))
@@ -387,13 +390,26 @@ class OfflineTuner:
         bound = self.problem.bound
         return Schedule([to_plain(bound.at_step(values, t, n)) for t in range(n)])
 
+    @property
+    def best_hparams(self) -> dict[str, Any] | None:
+        """The values of the meta-step whose run ended with the lowest validation loss (values
+        that have been trained with, unlike the last outer step's); None before a meta-step."""
+        if self._best is None:
+            return None
+        return unflatten({k: v.clone() for k, v in self._best["values"].items()}, self.like)
+
     def retrain(self, steps: int | None = None, on: str = "train+val",
-                seed: int | None = None) -> dict[str, float]:
+                seed: int | None = None, values: str = "last") -> dict[str, float]:
         """Train from scratch with the learned schedule stretched to `steps` (blocks by fraction
         of training; default: as many epochs as a meta-step's run) on the training split, or on
-        training plus validation data; returns the test loss and accuracy."""
+        training plus validation data; returns the test loss and accuracy. values="last" takes
+        the current values (as Micaelli & Storkey 2021 do), "best" `best_hparams`."""
         if on not in ("train", "train+val"):
             raise HyperparameterError(f"on={on!r} is not one of 'train', 'train+val'")
+        if values not in ("last", "best"):
+            raise HyperparameterError(f"values={values!r} is not one of 'last', 'best'")
+        if values == "best" and self._best is None:
+            raise HyperparameterError("values='best' needs at least one meta-step")
         p = self.problem
         if not isinstance(p.train_data, ReplayableBatches) or (
                 on == "train+val" and not isinstance(p.val_data, ReplayableBatches)):
@@ -409,7 +425,8 @@ class OfflineTuner:
         if not isinstance(steps, int) or steps < 1:
             raise HyperparameterError(f"steps must be an integer >= 1, got {steps!r}")
         sub = self._inner_problem(self.m, train=(x, y), val=(p.val_data.x, p.val_data.y),
-                                  init_seed=seed, fresh=seed is not None)
+                                  init_seed=seed, fresh=seed is not None,
+                                  hparams=self.best_hparams if values == "best" else None)
         state = self._train(sub, steps)
         self._final, self._final_problem = state, sub
         test = sub.evaluate(state.params, state.buffers, "test")
@@ -425,7 +442,7 @@ class OfflineTuner:
             "config": self.config, "m": self.m, "values": self.values,
             "meta": self.meta.state_dict(), "history": self.history, "events": self.events,
             "elapsed": self.elapsed, "inner_steps": self.inner_steps,
-            "backtracks": self.backtracks, "good": self._good})
+            "backtracks": self.backtracks, "good": self._good, "best": self._best})
 
     def save(self, path: str | Path) -> None:
         """Write the whole state to `path` atomically (temp file, fsync, rename, fsync)."""
@@ -443,5 +460,6 @@ class OfflineTuner:
         tuner.values = copy_record(sd["values"])
         tuner.meta.load_state_dict(sd["meta"])
         tuner.history, tuner.events, tuner._good = sd["history"], sd["events"], sd["good"]
+        tuner._best = sd["best"]
         problem.set_hparams(tuner.hparams)
         return tuner
