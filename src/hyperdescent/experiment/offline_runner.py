@@ -20,7 +20,9 @@ from ..tasks.base import Task
 from .config import Config, Method
 
 #: settings of kind "fds" that are not OfflineTuner arguments
-OFFLINE_EXTRA = {"retrain_on": "'train' (default) or 'train+val' for the final retraining"}
+OFFLINE_EXTRA = {"retrain_on": "'train' (default) or 'train+val' for the final retraining",
+                 "retrain_values": "'last' (default) or 'best': the values the final retraining "
+                                   "takes (OfflineTuner.retrain's values=)"}
 
 
 def offline_settings() -> list[str]:
@@ -42,9 +44,11 @@ def run_offline(task: Task, cfg: Config, method: Method, seed: int, log) -> dict
     space = build_space(task, cfg, method)
     settings = dict(method.settings)
     retrain_on = settings.pop("retrain_on", "train")
+    retrain_values = settings.pop("retrain_values", "last")
     base = {"method": method.label, "seed": seed}
     log({**base, "kind": "run_start", "method_kind": method.kind, "steps": steps,
-         "settings": {**settings, "retrain_on": retrain_on}, "space": _describe(space),
+         "settings": {**settings, "retrain_on": retrain_on, "retrain_values": retrain_values},
+         "space": _describe(space),
          "time": time.time()})
     t0 = time.perf_counter()
     optimizer = SGD(momentum=task.momentum) if task.optimizer == "sgd" else Adam()
@@ -78,7 +82,8 @@ def run_offline(task: Task, cfg: Config, method: Method, seed: int, log) -> dict
         if why:
             stopped_by = why
             break
-    out = tuner.retrain(steps=steps, on=retrain_on)
+    out = tuner.retrain(steps=steps, on=retrain_on,
+                        values=retrain_values if tuner.best_hparams is not None else "last")
     end = {**base, "kind": "run_end", "method_kind": method.kind, "best_val_loss": best,
            "test_loss": out["test_loss"], "test_acc": out["test_acc"],
            "inner_steps": tuner.inner_steps + out["steps"], "meta_steps": tuner.m,
