@@ -48,10 +48,11 @@ def counting_loss(out, y):
     return torch.nn.functional.cross_entropy(_CountFirst.apply(out), y)
 
 
-def make_problem():
+def make_problem(names=("lr", "weight_decay")):
     x, y = data(n=48)
-    space = hd.Space({"lr": hd.Real(0.05, low=1e-4, high=1.0, log=True),
-                      "weight_decay": hd.Real(1e-2, low=1e-6, high=1.0, log=True)})
+    space = hd.Space({n: hp for n, hp in {
+        "lr": hd.Real(0.05, low=1e-4, high=1.0, log=True),
+        "weight_decay": hd.Real(1e-2, low=1e-6, high=1.0, log=True)}.items() if n in names})
     return hd.Problem(mlp(), loss=counting_loss, optimizer=hd.optim.SGD(momentum=0.9),
                       space=space, train=(x, y), val=(x[:16] + 0.1, y[:16]), batch_size=12,
                       seed=0)
@@ -60,12 +61,14 @@ def make_problem():
 CALLS = [
     ("reverse", {}), ("reverse", {"checkpoint_every": 2}), ("truncated", {"window": 3}),
     ("greedy", {}), ("forward", {}), ("forward", {"tangent": "summed"}),
+    ("implicit", {"solver": "neumann"}), ("implicit", {"solver": "cg"}),
 ]
 
 
 @pytest.mark.parametrize("method,options", CALLS, ids=[f"{m}{o}" for m, o in CALLS])
 def test_hvps_stat_is_the_number_of_hessian_vector_products_autograd_runs(method, options):
-    p = make_problem()
+    # implicit differentiation takes regularization hyperparameters only
+    p = make_problem(("weight_decay",) if method == "implicit" else ("lr", "weight_decay"))
     _CountSecond.count = 0
     res = hd.hypergrad(p, steps=5, method=method, **options)
     counted = _CountSecond.count
@@ -107,3 +110,23 @@ def test_reverse_peak_memory_covers_the_unrolled_graph(monkeypatch):
     weights_mb = sum(q.numel() for q in model.parameters()) * 8 / 2 ** 20
     assert res.stats["peak_memory_mb"] >= steps * weights_mb, (
         res.stats["peak_memory_mb"], steps * weights_mb)
+
+
+@pytest.mark.parametrize("call,name", [
+    (lambda p: hd.hypergrad(p, steps=3, method="truncated", window=0), "window"),
+    (lambda p: hd.hypergrad(p, steps=0, method="reverse"), "steps"),
+    (lambda p: hd.hypergrad(p, steps=3, method="bogus"), "bogus"),
+    (lambda p: hd.hypergrad(p, steps=3, method="greedy", window=2), "window"),
+    (lambda p: hd.OnlineTuner(p, method="truncated", window=0), "window"),
+    (lambda p: hd.OnlineTuner(p, hyper_every=0), "hyper_every"),
+    (lambda p: hd.OnlineTuner(p, meta_optimizer="rmsprop"), "rmsprop"),
+])
+def test_errors_name_the_offending_input(call, name):
+    """A bad argument is refused with an error that names it."""
+    with pytest.raises((hd.HyperparameterError, ValueError), match=name):
+        call(make_problem())
+
+
+def test_optimizer_repr_lists_its_fixed_arguments():
+    text = repr(hd.optim.SGD(lr=0.1, momentum=0.9))
+    assert text.startswith("SGD(") and "lr=0.1, momentum=0.9, " in text

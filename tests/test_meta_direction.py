@@ -147,3 +147,19 @@ def test_run_sets_the_schedule_horizon_to_its_steps():
     tuner = hd.OnlineTuner(p, meta_optimizer="sgd", meta_lr=0.0).run(6)
     used = [r["hparams"]["lr"] for r in tuner.history]
     assert used == pytest.approx([0.05] * 3 + [0.01] * 3, rel=1e-12)
+
+
+def test_evaluate_scores_the_tuned_weights():
+    """tuner.evaluate("val") is the loss and accuracy of the tuner's current weights on the
+    whole validation split (its model, evaluated here by hand)."""
+    tuner = hd.OnlineTuner(make_problem(), meta_lr=0.05).run(4)
+    got = tuner.evaluate("val")
+    x, y = data(n=64)
+    x, y = x[:24] + 0.1, y[:24]
+    with torch.no_grad():
+        out = tuner.model.eval()(x)
+    assert got["loss"] == pytest.approx(torch.nn.functional.cross_entropy(out, y).item(),
+                                        rel=1e-12)
+    assert got["acc"] == pytest.approx((out.argmax(-1) == y).double().mean().item())
+    fresh = make_problem().evaluate(make_problem().params0, {}, "val")
+    assert got["loss"] != pytest.approx(fresh["loss"])  # the weights did train

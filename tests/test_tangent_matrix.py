@@ -132,6 +132,9 @@ GRANULAR = [
     ("AdamW", {}, {"weight_decay": "layer", "beta2": "layer"}),
     ("RMSprop", dict(centered=True, momentum=0.5), {"alpha": "layer", "eps": "layer",
                                                     "momentum": "parameter"}),
+    ("RMSprop", dict(momentum=0.5), {"lr": "layer", "weight_decay": "layer"}),
+    ("Adam", dict(weight_decay=0.01), {"beta2": "parameter", "weight_decay": "layer"}),
+    ("AdamW", {}, {"lr": "layer", "eps": "layer"}),
 ]
 
 
