@@ -76,7 +76,8 @@ class STNTrainer:
     """Self-tuning network training (MacKay et al. 2019, "Self-tuning networks", Alg. 1; Bae & Grosse 2020 centring).
 
     `model(x, ctx)` takes a batch and a `HyperContext` (e.g. from `hd.stn.from_sequential`); the
-    space's names, in order, are the hypernetwork's input columns. The first `warmup_steps`
+    space's names, in order, are the hypernetwork's input columns. `centred` (default: the
+    model's `centred` attribute, else True) feeds the hypernetwork λ̃ - stopgrad(λ). The first `warmup_steps`
     weight steps train only the weights (at perturbed λ); after that every `train_steps` weight
     steps are followed by `val_steps` hyperparameter steps. Weights: SGD(lr, momentum), their
     gradient norm clipped to `grad_clip` (recurrent models); λ and σ:
@@ -127,7 +128,9 @@ class STNTrainer:
                                       f"space has {len(self.names)} hyperparameters {self.names}")
         p0 = next(model.parameters())
         self.device, self.dtype = p0.device, p0.dtype
-        self.centred = bool(getattr(model, "centred", False) if centred is None else centred)
+        # Δ-STN's centring is the default: on mnist1d_mlp the uncentred input drifted to input
+        # dropout ~0.9 from every start (benchmarks/results/stn_results.md)
+        self.centred = bool(getattr(model, "centred", True) if centred is None else centred)
         self.config = dict(batch_size=batch_size, val_batch_size=val_batch_size or batch_size,
                            lr=lr, momentum=momentum, warmup_steps=warmup_steps,
                            train_steps=train_steps, val_steps=val_steps,
