@@ -265,9 +265,15 @@ class Problem:
         return dp.mean_all_reduce(tensors) if self.distributed else tensors
 
     def vjp(self, outputs, inputs, grad_outputs, retain_graph: bool = False,
-            create_graph: bool = False) -> tuple[torch.Tensor | None, ...]:
+            create_graph: bool = False, batched: bool = False) -> tuple[torch.Tensor | None, ...]:
         """Σ_i grad_outputs[i]ᵀ ∂outputs[i]/∂inputs of losses of this problem (None where an
-        input is not reached): the one place derivatives of the losses are taken."""
+        input is not reached): the one place derivatives of the losses are taken. batched=True:
+        every grad_output has a leading batch dimension and the products come stacked
+        (one vmapped backward, `is_grads_batched`)."""
+        if batched:
+            return self.reduce(torch.autograd.grad(
+                outputs, inputs, grad_outputs, retain_graph=retain_graph,
+                create_graph=create_graph, allow_unused=True, is_grads_batched=True))
         return self.reduce(autodiff.vjp(outputs, inputs, grad_outputs, retain_graph,
                                         create_graph))
 

@@ -107,7 +107,8 @@ class ForwardTangent:
 
     def __init__(self, problem: Problem, horizon: int, tangent="exact",
                  compile: bool | dict = False, clamp_grad: float | None = None,
-                 clamp_hz: float | None = None, tangent_rule: bool = True):
+                 clamp_hz: float | None = None, tangent_rule: bool = True,
+                 batched_rows: bool | None = None):
         grouping = GROUPINGS.get(tangent) if isinstance(tangent, str) else tangent
         if not callable(grouping):
             raise HyperparameterError(
@@ -146,6 +147,10 @@ class ForwardTangent:
         # optimizers' hand-written JVP rules are exact and much cheaper than torch.func.jvp
         # of the elementwise update; tangent_rule=False takes the jvp (tests compare the two)
         self.use_tangent_rule = bool(tangent_rule)
+        # all Hessian-vector rows of a step in one vmapped backward: on CPU it was slower than
+        # one backward per row (benchmarks/batched_rows.py), so it is the default on CUDA only
+        self.batched_rows = (problem.device.type == "cuda") if batched_rows is None \
+            else bool(batched_rows)
         # compile=True (or torch.compile options): once every column is live, each step is
         # one compiled pure function (forward_fused.py); the first steps stay eager
         self._fused = None
@@ -312,6 +317,8 @@ class ForwardTangent:
         mixed = [k for k in keys if g_hp[k] is not None and g_hp[k].requires_grad]
         if Z is None and not mixed:
             return {n: p.new_zeros((n_active, *p.shape)) for n, p in params.items()}
+        if self.batched_rows and hz is None and self.clamp_hz is None:
+            return self._dgrad_batched(params, g, g_hp, mixed, rows, Z, direct, n_active)
         names = [n for n, gn in g.items() if gn.requires_grad] if Z is not None else []
         outputs = [g[n] for n in names]
         out_rows: list[list[torch.Tensor]] = []
@@ -335,6 +342,24 @@ class ForwardTangent:
         return {n: torch.stack([p.new_zeros(p.shape) if r[i] is None else r[i].detach()
                                 for r in out_rows])
                 for i, (n, p) in enumerate(params.items())}
+
+    def _dgrad_batched(self, params, g, g_hp, mixed, rows, Z, direct, n_active):
+        """`_dgrad` as one batched vector-Jacobian product over all columns (columns without
+        a direct hyperparameter have zero rows, so the mixed term adds nothing to them)."""
+        names = [n for n, gn in g.items() if gn.requires_grad] if Z is not None else []
+        outs = [g[n] for n in names]
+        grad_outputs = [Z["params"][n] for n in names]
+        if any(direct):
+            outs += [g_hp[k] for k in mixed]
+            grad_outputs += [rows[k] for k in mixed]
+        if not outs:
+            return {n: p.new_zeros((n_active, *p.shape)) for n, p in params.items()}
+        if names:
+            self.hvps += n_active
+        got = self.problem.vjp(outs, list(params.values()), grad_outputs, retain_graph=True,
+                               batched=True)
+        return {n: p.new_zeros((n_active, *p.shape)) if r is None else r.detach()
+                for (n, p), r in zip(params.items(), got)}
 
     def _clamped_row(self, outputs, grad_outputs, outs, params):
         """One row of `_dgrad` with its H·Z part clamped to ±clamp_hz before the mixed
@@ -408,7 +433,8 @@ class ForwardTangent:
 
 def forward_engine(problem: Problem, horizon: int, tangent="exact", compile: bool | dict = False,
                    clamp_grad: float | None = None, clamp_hz: float | None = None,
-                   uoro_samples: int = 1, seed: int | None = None) -> ForwardTangent:
+                   uoro_samples: int = 1, seed: int | None = None,
+                   batched_rows: bool | None = None) -> ForwardTangent:
     """The forward engine for a `tangent` choice: a column grouping of the exact engine, or
     "uoro" (the rank-one estimate of Tallec & Ollivier 2018; hypergrad/uoro.py)."""
     if tangent == "uoro":
@@ -421,13 +447,13 @@ def forward_engine(problem: Problem, horizon: int, tangent="exact", compile: boo
     if uoro_samples != 1:
         raise HyperparameterError(f"uoro_samples={uoro_samples!r} needs tangent='uoro'")
     return ForwardTangent(problem, horizon, tangent, compile=compile, clamp_grad=clamp_grad,
-                          clamp_hz=clamp_hz)
+                          clamp_hz=clamp_hz, batched_rows=batched_rows)
 
 
 def forward(problem: Problem, steps: int, values: dict, *, tangent="exact",
             compile: bool | dict = False, clamp_grad: float | None = None,
             clamp_hz: float | None = None, uoro_samples: int = 1,
-            seed: int | None = None) -> HypergradResult:
+            seed: int | None = None, batched_rows: bool | None = None) -> HypergradResult:
     """Forward-mode hypergradient after `steps` inner steps (memory constant in T).
 
     tangent="summed" is OHO's approximation (one tangent per hyperparameter name, read back
@@ -438,10 +464,11 @@ def forward(problem: Problem, steps: int, values: dict, *, tangent="exact",
     (or a dict of `torch.compile` options) runs each step as one compiled function; the
     compilation itself (tens of seconds on CPU) is in `stats["wall_time_s"]`. clamp_grad /
     clamp_hz bound the training gradient and H·Z elementwise (Micaelli & Storkey 2021).
+    batched_rows: all Hessian-vector rows of a step in one vmapped backward (default: on CUDA).
     """
     with CostMeter(problem.device) as meter:
         engine = forward_engine(problem, steps, tangent, compile, clamp_grad, clamp_hz,
-                                uoro_samples, seed)
+                                uoro_samples, seed, batched_rows)
         value, grads = run(engine, problem, steps, values, meter)
         meter.hvps = engine.hvps
     return finish(problem, values, value, grads,
