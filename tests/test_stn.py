@@ -208,6 +208,21 @@ def test_penalty_coefficient_is_tunable_by_name():
     assert tr.hparams["l2"] != pytest.approx(1e-3, rel=1e-9) and 1e-6 <= tr.hparams["l2"] <= 1
 
 
+def test_schedule_replays_dropout_in_a_plain_model():
+    model, train, val, opts = _trainer()
+    tr = stn.STNTrainer(model, SPACE, train, val, **opts).run(9)
+    sched = tr.schedule()
+    plain = _model()
+    opt = torch.optim.SGD(plain.parameters(), lr=0.1)
+    stn.attach_dropout(sched, plain, ["dropout"], opt)
+    for t in range(9):
+        assert plain[2].p == sched.at(t)["dropout"]
+        opt.step()
+    assert sched.at(8)["dropout"] != sched.at(0)["dropout"]
+    with pytest.raises(HyperparameterError, match="nn.Dropout"):
+        stn.attach_dropout(sched, plain, ["dropout", "noise"], opt)
+
+
 def test_centred_model_predicts_with_its_elementary_weights():
     model, train, val, opts = _trainer(centred=True)
     tr = stn.STNTrainer(model, SPACE, train, val, **opts)

@@ -16,8 +16,9 @@ from .layers import (
     dropout,
     from_sequential,
 )
+from .replay import attach_dropout
 from .trainer import OPTIMIZER_HPARAMS, STNTrainer
 
 __all__ = ["HyperLinear", "HyperConv2d", "HyperLSTM", "HyperEmbedding", "HyperDropout",
            "HyperContext", "STNSequential", "from_sequential", "dropout", "Augmentation",
-           "augment", "text", "STNTrainer", "OPTIMIZER_HPARAMS"]
+           "augment", "text", "STNTrainer", "OPTIMIZER_HPARAMS", "attach_dropout"]
