@@ -299,10 +299,10 @@ def _worker(storage, seed: int, n_trials: int, out_path: str) -> None:
                            hd.Space({"lr": hd.Real(0.1, low=1e-4, high=1.0, log=True)}),
                            sampler="random", n_trials=n_trials, storage=storage,
                            study_name="shared", seed=seed)
-    except Exception as e:  # SQLite's "database is locked": recorded as the worker's error
+    except Exception as e:  # SQLite under concurrency: recorded as the worker's error
         with open(out_path + ".err", "w") as f:
-            f.write(f"{type(e).__name__}: {e}")
-        raise
+            f.write(f"{type(e).__name__}: {str(e).splitlines()[0]}")
+        sys.exit(1)
 
 
 def concurrent(kind: str, workers: int = 4, n_trials: int = 10) -> dict:

@@ -16,9 +16,11 @@ from hyperdescent.data import seed_for
 from hyperdescent.errors import HyperparameterTypeError, InputTypeError
 from hyperdescent.tuners.guard import DivergenceGuard, noise_sd
 
+LR0 = 0.05
+
 
 def space():
-    return hd.Space({"lr": hd.Real(0.05, low=1e-4, high=1.0, log=True),
+    return hd.Space({"lr": hd.Real(LR0, low=1e-4, high=1.0, log=True),
                      "weight_decay": hd.Real(1e-3, low=1e-6, high=0.1, log=True)})
 
 
@@ -534,3 +536,22 @@ def test_a_run_on_dataloaders_resumes_where_its_streams_were(tmp_path):
     resumed = hd.OnlineTuner.load(tmp_path / "s.pt", loader_problem())
     assert resumed.problem.train_data.consumed == 5
     same_run(resumed.run(8), whole)
+
+
+def test_repeated_rollbacks_to_one_snapshot_compound_the_backtracking():
+    """Spikes at the same step three times: each rollback lands on the same snapshot and
+    halves lr again (0.5, 0.25, 0.125 of the snapshot's value), not the snapshot's lr."""
+    tuner, loss = faulty_tuner(lambda v: v * 1e6, at={6})
+    seen = []
+    while tuner.t < 10:
+        loss.t = tuner.t
+        rec = tuner.step()
+        if rec.get("event") == "rollback":
+            seen.append(tuner.hparams["lr"].item())
+            if len(seen) == 3:
+                loss.at.discard(6)
+    assert [e["to_step"] for e in tuner.events if e["event"] == "rollback"] == [0, 0, 0]
+    assert seen[0] == pytest.approx(0.5 * LR0, rel=1e-12)
+    assert seen[1] == pytest.approx(seen[0] / 2, rel=1e-12)
+    assert seen[2] == pytest.approx(seen[0] / 4, rel=1e-12)
+    assert tuner.history[0]["hparams"]["lr"] == pytest.approx(seen[2], rel=1e-12)

@@ -185,6 +185,12 @@ class DivergenceGuard:
         self.rollbacks += 1
         return snap["record"]
 
+    def replace(self, record: dict[str, Any]) -> None:
+        """Make `record` the only snapshot: the state a rollback restored, as the tuner then
+        changed it (smaller step sizes), so that the next rollback compounds the change."""
+        self._snapshots.clear()
+        self.snapshot(record)
+
     def backoff(self, lr: float, initial: float) -> tuple[float, bool]:
         """(the meta learning rate after a rollback, whether the floor held it): half of `lr`,
         but never below `meta_lr_floor` x `initial`, so repeated rollbacks cannot stop tuning."""

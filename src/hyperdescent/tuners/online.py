@@ -275,6 +275,8 @@ class OnlineTuner:
         self._restore_snapshot(snap)
         self._backtrack_step_sizes()
         self.meta.set_lr(lr)
+        # rolling back to this snapshot again must halve the halved values, not the originals
+        self.guard.replace(self._snapshot())
         event = {"step": record["step"], "event": "rollback", "to_step": snap["t"],
                  "train_loss": record["train_loss"], "meta_lr": self.meta.lr,
                  "why": self.guard.reason}
