@@ -9,9 +9,10 @@ Writes benchmarks/results/reliability.json and reliability.md and prints the tab
   SIGKILLed at a random step; the run resumed from the checkpoint must end bit-identical
   (history records without wall times, weights, hyperparameters, meta-optimizer) to an
   uninterrupted run. Per tuner and dtype.
-- faults: a NaN batch, an infinite loss, a 1e6x loss spike, a float16 overflow, an infinite
-  hypergradient, or a start at the learning rate's upper bound on inputs x30; a run survives
-  when it finishes with finite hyperparameters and no exception.
+- faults: a NaN batch loss, an infinite loss, a 1e6x loss spike, a float16 overflow (each
+  once), a NaN in one training row (every batch holding it), an infinite hypergradient, or a
+  start at the learning rate's upper bound on inputs x30; a run survives when it finishes
+  with finite hyperparameters and no exception.
 - fuzz: tests/test_fuzz.py with HD_FUZZ_EXAMPLES cases per test; bare tracebacks are tests
   that failed with an exception other than our error types.
 - concurrent: 4 processes on one study in a journal file (the default for a path) and in
@@ -231,8 +232,12 @@ def fault_run(kind: str, seed: int, steps: int = 80) -> dict:
     at = random.Random(seed).randrange(10, steps - 10)
     loss = FaultyLoss(at, LOSS_FAULTS.get(kind, lambda v: v))
     scale = 30.0 if kind == "exploding_lr" else 1.0
+    x = task.train[0] * scale
+    if kind == "nan_row":  # a bad row in the data: every batch holding it, every epoch
+        x = x.clone()
+        x[at, 3] = math.nan
     p = hd.Problem(task.make_model(seed), loss=loss, optimizer=hd.optim.SGD(momentum=0.9),
-                   space=space, train=(task.train[0] * scale, task.train[1]),
+                   space=space, train=(x, task.train[1]),
                    val=(task.val[0] * scale, task.val[1]), batch_size=64, val_batch_size=128,
                    seed=seed)
     loss.model = p.model
@@ -264,7 +269,7 @@ def fault_run(kind: str, seed: int, steps: int = 80) -> dict:
 
 
 def faults(seeds: int) -> list[dict]:
-    kinds = list(LOSS_FAULTS) + ["inf_hypergrad", "exploding_lr"]
+    kinds = list(LOSS_FAULTS) + ["nan_row", "inf_hypergrad", "exploding_lr"]
     return [fault_run(k, s) for k in kinds for s in range(seeds)]
 
 
