@@ -344,7 +344,10 @@ class OnlineTuner:
 
     @classmethod
     def load(cls, path: str | Path, problem: Problem) -> OnlineTuner:
-        """Restore a tuner saved by `save`, bound to `problem` (same model, space and data)."""
+        """Restore a tuner saved by `save`, bound to `problem` (same model, space and data);
+        the global random generators (torch, CUDA, `random`) are set back to their states at
+        the save and streams read past the batches already used, so the run goes on as if
+        never interrupted."""
         sd = load_record(path, RECORD_KIND)
         tuner = cls(problem, **sd["config"])
         tuner.horizon = sd["horizon"]
