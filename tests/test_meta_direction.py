@@ -163,3 +163,43 @@ def test_evaluate_scores_the_tuned_weights():
     assert got["acc"] == pytest.approx((out.argmax(-1) == y).double().mean().item())
     fresh = make_problem().evaluate(make_problem().params0, {}, "val")
     assert got["loss"] != pytest.approx(fresh["loss"])  # the weights did train
+
+
+@pytest.mark.parametrize("clip", [None, 1e-4])
+def test_offline_meta_step_is_minus_eta_times_the_reverse_hypergradient(clip):
+    """OfflineTuner(method="reverse", sgd): one meta-step over a whole T-step run from the
+    problem's own initial weights moves raw λ by -η dE/draw (clipped to norm η·clip), records
+    that hypergradient, and lowers E(s_T)."""
+    off = hd.OfflineTuner(make_problem(), method="reverse", steps=T, meta_steps=1,
+                          meta_optimizer="sgd", meta_lr=ETA, clip=clip, fresh_init=False,
+                          reshuffle=False)
+    before = off.hparams
+    off.run()
+    ref = hd.hypergrad(make_problem(), steps=T, method="reverse")
+    ref_raw = torch.stack([ref.raw_grad[n] for n in NAMES])
+    got = signed_raw_hypergrad(before, off.hparams)
+    if clip is None:
+        assert torch.allclose(got, ref_raw, rtol=1e-9, atol=0), (got, ref_raw)
+    else:
+        assert ref_raw.norm() > clip
+        assert (got * ETA).norm().item() == pytest.approx(ETA * clip, rel=1e-9)
+        assert torch.allclose(got / got.norm(), ref_raw / ref_raw.norm(), rtol=1e-9)
+    rec = off.history[-1]
+    assert rec["val_loss"] == pytest.approx(ref.value, rel=1e-12)
+    for n in NAMES:
+        assert float(rec["hypergrad"][n]) == pytest.approx(ref.grad[n].item(), rel=1e-9), n
+    after = hd.hypergrad(make_problem(), steps=T, method="reverse", hparams=off.hparams)
+    assert after.value < ref.value
+
+
+def test_offline_adam_meta_step_moves_each_coordinate_by_meta_lr():
+    """Adam's first step is meta_lr times the sign of the gradient in every coordinate."""
+    off = hd.OfflineTuner(make_problem(), method="reverse", steps=T, meta_steps=1,
+                          meta_optimizer="adam", meta_lr=ETA, fresh_init=False, reshuffle=False)
+    before = off.hparams
+    off.run()
+    ref = hd.hypergrad(make_problem(), steps=T, method="reverse")
+    step = raw(off.hparams) - raw(before)
+    expected = -ETA * torch.sign(torch.stack([ref.raw_grad[n] for n in NAMES]))
+    # (up to eps / |g|: Adam divides by |g| + 1e-8)
+    assert torch.allclose(step, expected, rtol=1e-4), (step, expected)
