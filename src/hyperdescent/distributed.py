@@ -133,8 +133,24 @@ def mean_all_reduce(tensors: Sequence[torch.Tensor | None]) -> tuple[torch.Tenso
         offset = 0
         for i, p in zip(idx, parts):
             out[i] = flat[offset:offset + p.numel()].view_as(p)
+            if graph:
+                out[i]._hd_local = p  # see `local_outputs`
             offset += p.numel()
     return tuple(out)
+
+
+def local_outputs(outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each all-reduced differentiable tensor replaced by this rank's part of it.
+
+    A vector-Jacobian product that starts at an all-reduced gradient (a Hessian-vector row,
+    a mixed ∂²L/∂θ∂λ row) with an adjoint that every rank holds alike (every adjoint handed to
+    `Problem.vjp` is one: built from replicated state or the reduced result of an earlier vjp)
+    equals the mean over ranks of the products of the local parts, which `Problem.reduce` takes
+    anyway: starting at the local part skips the all-reduce of the adjoint in the backward.
+    Inside one backward pass (reverse mode's unrolled graph) the adjoints are per rank, and the
+    graph's all-reduces still run there.
+    """
+    return [getattr(o, "_hd_local", o) for o in outputs]
 
 
 def mean_value(x: torch.Tensor) -> torch.Tensor:

@@ -270,6 +270,8 @@ class Problem:
         input is not reached): the one place derivatives of the losses are taken. batched=True:
         every grad_output has a leading batch dimension and the products come stacked
         (one vmapped backward, `is_grads_batched`)."""
+        if self.distributed:
+            outputs = dp.local_outputs(outputs)
         if batched:
             return self.reduce(torch.autograd.grad(
                 outputs, inputs, grad_outputs, retain_graph=retain_graph,
