@@ -254,7 +254,7 @@ def reversible(problem: Problem, steps: int, values: dict | None = None, *,
         if inputs_grad and getattr(problem.train_data, "x", None) is None:
             raise HyperparameterError("inputs_grad=True needs the training set as tensors")
         value, grads, exact, extras = reverse_pass(run, initial_grad, inputs_grad)
-        meter.hvps = max(0, int(steps) - 1)
+        meter.hvps = int(steps) if initial_grad else max(0, int(steps) - 1)
     P, T = run.layout.numel, int(steps)
     if not exact:
         # a gradient recomputed with different bits (another thread count, a kernel that
