@@ -120,6 +120,10 @@ def test_reverse_peak_memory_covers_the_unrolled_graph(monkeypatch):
     (lambda p: hd.OnlineTuner(p, method="truncated", window=0), "window"),
     (lambda p: hd.OnlineTuner(p, hyper_every=0), "hyper_every"),
     (lambda p: hd.OnlineTuner(p, meta_optimizer="rmsprop"), "rmsprop"),
+    (lambda p: hd.OnlineTuner(p, meta_lr=float("nan")), "meta_lr"),
+    (lambda p: hd.OnlineTuner(p, meta_lr=float("inf")), "meta_lr"),
+    (lambda p: hd.OnlineTuner(p, spike_factor="3"), "spike_factor"),
+    (lambda p: hd.OnlineTuner(p, max_rollbacks=-1), "max_rollbacks"),
 ])
 def test_errors_name_the_offending_input(call, name):
     """A bad argument is refused with an error that names it."""
@@ -130,3 +134,12 @@ def test_errors_name_the_offending_input(call, name):
 def test_optimizer_repr_lists_its_fixed_arguments():
     text = repr(hd.optim.SGD(lr=0.1, momentum=0.9))
     assert text.startswith("SGD(") and "lr=0.1, momentum=0.9, " in text
+
+
+def test_structure_stats():
+    """stats["segments"] of checkpointed reverse and stats["columns"] of forward mode."""
+    p = make_problem()
+    assert hd.hypergrad(p, steps=4, method="reverse", checkpoint_every=1).stats["segments"] == 4
+    assert hd.hypergrad(p, steps=4, method="reverse", checkpoint_every=3).stats["segments"] == 2
+    assert hd.hypergrad(p, steps=4, method="reverse").stats["segments"] == 1
+    assert hd.hypergrad(p, steps=3, method="forward").stats["columns"] == 2

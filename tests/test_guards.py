@@ -203,25 +203,30 @@ def test_spike_rule_waits_for_five_steps():
     assert first_alarm([1.0, 0.5, 2.9, 0.5, 0.5, 0.5, 0.5])[0] is None
 
 
-def test_slow_trend_is_caught_without_any_spike():
+@pytest.mark.parametrize("scale", [1.0, 20.0])
+def test_slow_trend_is_caught_without_any_spike(scale):
     """1.0 -> 0.5 over 30 steps, then creeping up 1% a step: no single spike; the running
-    average passes its best by more than trend_factor-1 of it (the give-back rule is off)."""
-    down = [1.0 - 0.5 * t / 30 for t in range(31)]
-    up = [0.5 + 0.01 * t for t in range(1, 40)]
+    average passes its best by more than trend_factor-1 of it (the give-back rule is off).
+    The rules are relative: the same losses times 20 raise the alarm at the same step."""
+    down = [scale * (1.0 - 0.5 * t / 30) for t in range(31)]
+    up = [scale * (0.5 + 0.01 * t) for t in range(1, 40)]
     step, _ = first_alarm(down + up, giveback=math.inf)
-    assert step is not None and step > 31
+    assert step == 67  # measured at scale 1
     assert first_alarm(down + up, giveback=math.inf, trend_factor=math.inf)[0] is None
 
 
-def test_give_back_rule_catches_a_stall_back_at_chance():
+@pytest.mark.parametrize("scale", [1.0, 0.1])
+def test_give_back_rule_catches_a_stall_back_at_chance(scale):
     """2.3 -> 1.9 -> 2.3 (dead ReLUs): under trend_factor's 20% of the best, but it gives back
-    more than `giveback` of the progress made."""
+    more than `giveback` of the progress made (plus a floor of 5% of the first loss); the same
+    at a tenth of the scale."""
     losses = ([2.3 - 0.4 * t / 30 for t in range(31)] +
               [1.9 + 0.4 * t / 30 for t in range(1, 31)] + [2.3] * 10)
-    step, _ = first_alarm(losses)
+    step, _ = first_alarm([scale * v for v in losses])
     assert step is not None and 31 < step
     assert losses[step] > 1.9 + 0.3 * 0.4 + 0.05 * 2.3
-    assert first_alarm(losses, giveback=math.inf)[0] is None
+    assert step == first_alarm(losses)[0]
+    assert first_alarm([scale * v for v in losses], giveback=math.inf)[0] is None
 
 
 # -- meta-step safeguards -------------------------------------------------------------------
@@ -293,3 +298,39 @@ def test_greedy_resets_the_tangent_every_step():
     never = _tangent_norms(5, reset_every=None)
     assert greedy == pytest.approx(one, rel=1e-12)
     assert all(abs(g - n) > 1e-6 * g for g, n in zip(greedy[1:], never[1:]))
+
+
+def test_a_non_finite_validation_loss_skips_the_meta_step_of_that_step():
+    """An inf in the validation data: the inner step is kept, the meta-step is skipped and
+    logged at the step it belongs to, the hyperparameters stay."""
+    x, y = data(n=64)
+    xv = x[:24].clone()
+    xv[0, 0] = math.inf
+    loss = Spiking()
+    p = hd.Problem(mlp(), loss=loss, optimizer=hd.optim.SGD(momentum=0.9), space=space(),
+                   train=(x, y), val=(xv, y[:24]), batch_size=16, seed=1)
+    loss.model = p.model
+    tuner = hd.OnlineTuner(p, meta_lr=0.1)
+    before = tuner.hparams
+    recs = drive(tuner, loss, 3)
+    assert [e["event"] for e in tuner.events] == ["skipped_meta_step"] * 3
+    assert [e["step"] for e in tuner.events] == [r["step"] for r in recs] == [0, 1, 2]
+    assert all(r.get("event") == "skipped_meta_step" for r in recs)
+    assert all(math.isfinite(r["train_loss"]) for r in recs)
+    assert {k: float(v) for k, v in tuner.hparams.items()} == {
+        k: float(v) for k, v in before.items()}
+
+
+def test_a_loaded_tuner_keeps_its_guard_settings(tmp_path):
+    """max_rollbacks=0 survives save/load: a NaN after loading raises instead of rolling
+    back (the default would allow 20 rollbacks)."""
+    loss = Spiking(at={8}, factor=math.nan)
+    tuner = tuner_with(loss, meta_lr=0.1, snapshot_every=2, max_rollbacks=0)
+    drive(tuner, loss, 4)
+    tuner.save(tmp_path / "t.pt")
+    p = make_problem(loss)
+    loss.model = p.model
+    loaded = hd.OnlineTuner.load(tmp_path / "t.pt", p)
+    assert loaded.t == 4
+    with pytest.raises(FloatingPointError):
+        drive(loaded, loss, 10)

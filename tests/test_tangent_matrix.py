@@ -122,6 +122,10 @@ def test_forward_equals_reverse(opt, options, tuned):
     rev = hd.hypergrad(p, steps=STEPS, method="reverse")
     assert fwd.value == pytest.approx(rev.value, rel=1e-12)
     _assert_close(fwd.grad, rev.grad, what="forward vs reverse")
+    # checkpointing's first pass steps without a graph (the optimizers' no-graph kernels)
+    ck = hd.hypergrad(p, steps=STEPS, method="reverse", checkpoint_every=2)
+    assert ck.value == pytest.approx(rev.value, rel=1e-12)
+    _assert_close(ck.grad, rev.grad, what="checkpointed vs reverse")
 
 
 GRANULAR = [
@@ -145,6 +149,21 @@ def test_forward_equals_reverse_per_layer_and_per_parameter(opt, options, per):
     p = _build(opt, options, tuple(per), model=mlp, per=per)
     fwd = hd.hypergrad(p, steps=STEPS, method="forward")
     rev = hd.hypergrad(p, steps=STEPS, method="reverse")
+    _assert_close(fwd.grad, rev.grad, what="forward vs reverse")
+
+
+def test_forward_equals_reverse_on_validation_minibatches():
+    """val_batch_size below the validation set: both read the same validation batch T."""
+    x, y = data(n=40)
+    p = hd.Problem(mlp(), optimizer=hd.optim.SGD(momentum=0.9),
+                   space=hd.Space({"lr": BOUNDS["lr"](0.1),
+                                   "weight_decay": BOUNDS["weight_decay"](0.05)}),
+                   train=(x, y), val=(x + 0.1, y), batch_size=10, val_batch_size=8, seed=2)
+    fwd = hd.hypergrad(p, steps=STEPS, method="forward")
+    rev = hd.hypergrad(p, steps=STEPS, method="reverse")
+    xv, yv = p.val_batch(STEPS)
+    assert len(yv) == 8
+    assert fwd.value == pytest.approx(rev.value, rel=1e-12)
     _assert_close(fwd.grad, rev.grad, what="forward vs reverse")
 
 
