@@ -110,8 +110,10 @@ def plot(runs, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 4, figsize=(15, 6.5), sharex=True)
-    for row, centred in enumerate((False, True)):
+    rows = [c for c in (False, True) if any(r["centred"] == c for r in runs)]
+    fig, axes = plt.subplots(len(rows), 4, figsize=(15, 3.3 * len(rows)), sharex=True,
+                             squeeze=False)
+    for row, centred in enumerate(rows):
         for col, name in enumerate(NAMES):
             ax = axes[row, col]
             for r in runs:
@@ -121,7 +123,7 @@ def plot(runs, path):
                         label=f"start {r['start']}")
             ax.set_title(f"{'Δ-STN' if centred else 'STN'}: {name}")
             ax.set_xlabel("weight step")
-    axes[0, 0].legend()
+    axes[-1, 0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -136,6 +138,8 @@ def main(argv=None):
     ap.add_argument("--hyper-lr", type=float, default=0.01)
     ap.add_argument("--tau", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=235)      # 5 epochs of 47 batches
+    ap.add_argument("--variants", nargs="+", default=["stn", "delta_stn"],
+                    choices=["stn", "delta_stn"])
     ap.add_argument("--overhead-rounds", type=int, default=15)
     ap.add_argument("--only-overhead", action="store_true",
                     help="measure the step overhead only, into stn_overhead.json")
@@ -152,7 +156,7 @@ def main(argv=None):
     out = {"args": vars(args), "task": "mnist1d_mlp", "torch": torch.__version__}
 
     runs = []
-    for centred in (False, True):
+    for centred in [v == "delta_stn" for v in args.variants]:
         for start in args.starts:
             tr, r = stn_run(task, start, centred, args.seed, args)
             sched = tr.schedule()

@@ -21,13 +21,15 @@ def _hp(d):
     return ", ".join(f"{k} {v:.3f}" for k, v in d.items())
 
 
-def mnist1d(d):
+def mnist1d(d, with_overhead=True):
     a = d["args"]
     out = [f"## mnist1d_mlp: per-layer dropout + input noise ({a['steps']} weight steps, seed "
            f"{a['seed']}, lr {a['lr']}, hyper_lr {a['hyper_lr']}, tau {a['tau']}, warm-up "
            f"{a['warmup']})", "",
-           "`python benchmarks/stn_mnist1d.py --steps " + str(a["steps"]) + "`; trajectories: "
-           "`stn_mnist1d.png`.", "",
+           "`python benchmarks/stn_mnist1d.py --steps " + str(a["steps"]) + f" --seed {a['seed']}"
+           + (f" --variants {' '.join(a['variants'])}" if "variants" in a else "")
+           + f" --starts {' '.join(str(x) for x in a['starts'])}`; trajectories: "
+           f"`{Path(a['out']).with_suffix('.png').name}`.", "",
            "| variant | start | final val loss | test loss | test acc | retrain with schedule: "
            "val / test | retrain fixed at final: val / test | final values |",
            "|---|---|---|---|---|---|---|---|"]
@@ -42,7 +44,7 @@ def mnist1d(d):
     for g in d["fixed_grid"]:
         out.append(f"| {g['dropout']} | {g['val_loss']:.4f} | {g['best_val_loss']:.4f} | "
                    f"{g['test_loss']:.4f} | {g['test_acc']:.3f} |")
-    return out + overhead(_load("stn_overhead") or d["overhead"])
+    return out + (overhead(_load("stn_overhead") or d["overhead"]) if with_overhead else [""])
 
 
 def overhead(o):
@@ -108,7 +110,9 @@ def main(argv=None):
     lines = ["# Self-tuning network experiments", "",
              "Machine: a shared 2-core CPU with several other jobs running (wall times are "
              "inflated and noisy; ratios are measured inside one process).", ""]
-    for name, fn in (("stn_mnist1d", mnist1d), ("stn_offset", offset),
+    for name, fn in (("stn_mnist1d", mnist1d),
+                     ("stn_mnist1d_seed1", lambda d: mnist1d(d, with_overhead=False)),
+                     ("stn_offset", offset),
                      ("stn_digits_cnn", digits), ("stn_charlm", charlm),
                      ("stn_charlm_100k", charlm)):
         d = _load(name)
