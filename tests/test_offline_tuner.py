@@ -156,8 +156,8 @@ def test_schedule_and_retrain_stretch_blocks_by_fraction_of_training():
     # default length: as many epochs as the tuning runs (train 48 + val 20 rows vs 48)
     assert off.retrain()["steps"] == round(4 * 68 / 48)
     assert isinstance(off.model, torch.nn.Module)
-    with pytest.raises(hd.HyperparameterError, match="meta-step"):
-        off.retrain(values="best")
+    with pytest.raises(hd.HyperparameterError, match="values="):
+        off.retrain(values="first")
     off.run(meta_steps=2)
     best = min(off.history, key=lambda r: r["val_loss"])
     assert [float(x) for x in off.best_hparams["lr"]] == best["hparams"]["lr"]

@@ -21,7 +21,7 @@ from .config import Config, Method
 
 #: settings of kind "fds" that are not OfflineTuner arguments
 OFFLINE_EXTRA = {"retrain_on": "'train' (default) or 'train+val' for the final retraining",
-                 "retrain_values": "'last' (default) or 'best': the values the final retraining "
+                 "retrain_values": "'best' (default) or 'last': the values the final retraining "
                                    "takes (OfflineTuner.retrain's values=)"}
 
 
@@ -44,7 +44,7 @@ def run_offline(task: Task, cfg: Config, method: Method, seed: int, log) -> dict
     space = build_space(task, cfg, method)
     settings = dict(method.settings)
     retrain_on = settings.pop("retrain_on", "train")
-    retrain_values = settings.pop("retrain_values", "last")
+    retrain_values = settings.pop("retrain_values", "best")
     base = {"method": method.label, "seed": seed}
     log({**base, "kind": "run_start", "method_kind": method.kind, "steps": steps,
          "settings": {**settings, "retrain_on": retrain_on, "retrain_values": retrain_values},
@@ -82,8 +82,7 @@ def run_offline(task: Task, cfg: Config, method: Method, seed: int, log) -> dict
         if why:
             stopped_by = why
             break
-    out = tuner.retrain(steps=steps, on=retrain_on,
-                        values=retrain_values if tuner.best_hparams is not None else "last")
+    out = tuner.retrain(steps=steps, on=retrain_on, values=retrain_values)
     end = {**base, "kind": "run_end", "method_kind": method.kind, "best_val_loss": best,
            "test_loss": out["test_loss"], "test_acc": out["test_acc"],
            "inner_steps": tuner.inner_steps + out["steps"], "meta_steps": tuner.m,
