@@ -106,6 +106,20 @@ def offset(d):
     return out + [""]
 
 
+def harness(d):
+    out = [f"## hyperdescent compare: kind stn beside random search and TPE ({d['task']}, "
+           f"budget {d['budget']}, {d['steps']}-step runs, seeds {d['seeds']})", "",
+           "`hyperdescent compare benchmarks/stn_compare_mnist1d.toml` (STN tunes dropout and "
+           "input noise; random and TPE tune the task's lr and weight decay); trajectories: "
+           "`stn_compare_mnist1d_hparams.png`.", "",
+           "| method | best val loss | test loss | test acc | inner steps | wall s |",
+           "|---|---|---|---|---|---|"]
+    for label, m in d["methods"].items():
+        out.append(f"| {label} | {m['best_val_loss']:.4f} | {m['test_loss']:.4f} | "
+                   f"{m['test_acc']:.3f} | {m['inner_steps']} | {m['wall_time_s']:.0f} |")
+    return out + [""]
+
+
 def main(argv=None):
     lines = ["# Self-tuning network experiments", "",
              "Machine: a shared 2-core CPU with several other jobs running (wall times are "
@@ -114,7 +128,7 @@ def main(argv=None):
                      ("stn_mnist1d_seed1", lambda d: mnist1d(d, with_overhead=False)),
                      ("stn_offset", offset),
                      ("stn_digits_cnn", digits), ("stn_charlm", charlm),
-                     ("stn_charlm_100k", charlm)):
+                     ("stn_charlm_100k", charlm), ("stn_compare_mnist1d_summary", harness)):
         d = _load(name)
         if d is not None:
             lines += fn(d)
