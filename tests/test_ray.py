@@ -19,7 +19,8 @@ BASE = {
     "name": "tiny", "task": "cancer_logreg", "seeds": [0], "steps": 40,
     "budget": {"trials": 4},
     "methods": [{"label": "OHO", "kind": "oho", "settings": {"eval_every": 10}},
-                {"label": "random", "kind": "random", "settings": {"eval_every": 10}}],
+                {"label": "random", "kind": "random", "settings": {"eval_every": 10}},
+                {"label": "grid", "kind": "grid", "settings": {"grid_points": 1}}],
 }
 
 
@@ -88,6 +89,13 @@ def test_ray_runs_equal_local_runs_through_a_preemption(local_ray, local_records
     end = _by(got, "run_end", "random")[0]
     assert end["n_trials"] == 4 and end["stopped_by"] == "trials"
     assert end["inner_steps"] == sum(t["trial_inner_steps"] for t in trials) == 4 * 40
+    # a grid of one point, under a budget of 4 trials: tried once, although two could run
+    want = [(r["trial"], r["value"]) for r in _by(local_records, "trial", "grid")]
+    got_grid = [(r["trial"], r["value"]) for r in _by(got, "trial", "grid")]
+    assert len(want) == 1 and got_grid[0][0] == want[0][0] and len(got_grid) == 1
+    assert got_grid[0][1] == pytest.approx(want[0][1], rel=1e-9)
+    local_end = _by(local_records, "run_end", "grid")[0]
+    assert _by(got, "run_end", "grid")[0]["stopped_by"] == local_end["stopped_by"]
 
 
 def test_ray_config_is_validated():

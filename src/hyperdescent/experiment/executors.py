@@ -270,7 +270,7 @@ class _AskTell:
         import optuna
         from ray.tune.search import Searcher
 
-        from ..blackbox import bind_space, make_pruner, make_sampler
+        from ..blackbox import bind_space, grid_search_space, make_pruner, make_sampler
         from ..blackbox.search import _suggest
 
         class AskTell(Searcher):
@@ -296,6 +296,11 @@ class _AskTell:
                               "best_params": None, "stopped_by": None}
                 self.t0 = time.perf_counter()
                 self.done = False
+                # a grid sampler asked for more trials than points repeats points: with trials
+                # in parallel, stop asking once every point has been handed out
+                self.grid_size = math.prod(len(v) for v in grid_search_space(
+                    bound, grid_points=int(opts.get("grid_points", 5))).values()) \
+                    if self.method.kind == "grid" else None
 
             # Tune pickles its search algorithm (for restoring an experiment): the study, the
             # log and the budget live in this process only
@@ -323,6 +328,8 @@ class _AskTell:
 
             def suggest(self, trial_id: str):
                 why = self._spent()
+                if self.grid_size is not None and len(self.study.trials) >= self.grid_size:
+                    self.done = True
                 if why or self.done:
                     self.state["stopped_by"] = self.state["stopped_by"] or why
                     return Searcher.FINISHED
@@ -365,12 +372,23 @@ class _AskTell:
                 for k, v in attrs.items():
                     t.set_user_attr(k, v)
                 if error:
-                    ft = self.study.tell(t, state=optuna.trial.TrialState.FAIL)
+                    ft = self._tell(t, state=optuna.trial.TrialState.FAIL)
                 elif trial_id in self.cut or attrs.get("pruned_by") or result.get("pruned"):
-                    ft = self.study.tell(t, state=optuna.trial.TrialState.PRUNED)
+                    ft = self._tell(t, state=optuna.trial.TrialState.PRUNED)
                 else:
-                    ft = self.study.tell(t, float(result["val_loss"]))
+                    ft = self._tell(t, float(result["val_loss"]))
                 self._record(ft)
+
+            def _tell(self, t, value=None, state=None):
+                try:
+                    return self.study.tell(t, value, state=state)
+                except RuntimeError as e:
+                    # a sampler that is done (the grid, all points tried) asks the study to
+                    # stop, which only an optimize loop can: the trial is told, ask no more
+                    if "Study.stop" not in str(e):
+                        raise
+                    self.done = True
+                    return self.study.get_trials(deepcopy=False)[t.number]
 
             def _record(self, ft) -> None:
                 st, attrs = self.state, ft.user_attrs
