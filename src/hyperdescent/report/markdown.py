@@ -183,6 +183,8 @@ def write_markdown(run_dir: Path, cfg: Config, summary: dict[str, Any],
         "best_val_vs_steps": "Best validation loss vs inner training steps spent (all trials, "
                              "pruned ones included).",
         "hparam_trajectories": "Hyperparameters along the gradient methods' training runs.",
+        "pbt_schedule": "PBT's explore/exploit schedule (each member's values; x: it copied a "
+                        "better member) beside the gradient methods' learned trajectories.",
         "blackbox_samples": "Points sampled by the black-box searches, coloured by final "
                             "validation loss (x: pruned trials).",
         "offline_schedules": "Schedules an offline tuner learned, one line per meta-step.",
