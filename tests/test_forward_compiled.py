@@ -63,7 +63,9 @@ def test_compiled_forward_with_adam_counts_steps():
 
 def test_online_tuner_compiled_follows_the_eager_tuner(sgd_problem):
     runs = []
+    start = sgd_problem.hparams
     for compile in (False, True):
+        sgd_problem.set_hparams(start)  # a finished tuner leaves its values on the problem
         tuner = hd.OnlineTuner(sgd_problem, compile=compile, reset_every=None)
         tuner.run(8)
         runs.append(tuner)
