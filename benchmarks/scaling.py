@@ -172,10 +172,11 @@ def markdown(result: dict, trials: int) -> str:
              "|---|---|"]
     lines += [f"| {r['procs']} | {r['steps_per_s']:.1f} |" for r in result["data_parallel"]]
     if max(m["load_avg_1m"], m["load_avg_1m_end"]) > m["cpus"]:
-        lines += ["", "The machine was busy with other work (load above its CPU count): N "
-                  "processes then also get N times the CPU share of one, so the ratio of the "
-                  "rows overstates what N processes gain on an idle machine, and every time is "
-                  "slower than it would be there."]
+        lines += ["", "The machine was busy with other work (load above its CPU count): the "
+                  "processes compete with it for the CPUs (N processes also get a larger share "
+                  "than one), so these figures say more about that load than about scaling; "
+                  "measure on an idle machine or on GPUs (torchrun line in the script's "
+                  "docstring)."]
     if "compare" in result:
         lines += ["", f"| executor | wall time of a {trials}-trial compare run (s) |",
                   "|---|---|"]
