@@ -49,7 +49,7 @@ def _results(distributed: bool) -> dict:
                                             dtype=torch.float64)
     out["online_weights"] = torch.cat([p.reshape(-1) for p in tuner.state.params.values()])
     for method, options in (("forward", {}), ("reverse", {}), ("truncated", {"window": 3}),
-                            ("forward", {"batched_rows": True})):
+                            ("reversible", {}), ("forward", {"batched_rows": True})):
         res = hd.hypergrad(_problem(distributed), steps=8, method=method, **options)
         if options.get("batched_rows"):  # all Hessian-vector rows in one vmapped backward
             out["forward_batched_grad"] = torch.stack([res.grad["lr"], res.grad["weight_decay"]])
@@ -91,7 +91,7 @@ def single():
 @pytest.mark.parametrize("key", ["online_hparams", "online_train_loss", "online_weights",
                                  "forward_grad", "forward_value", "reverse_grad",
                                  "reverse_value", "truncated_grad", "reverse_adam_grad",
-                                 "fds_hparams", "forward_batched_grad"])
+                                 "reversible_grad", "fds_hparams", "forward_batched_grad"])
 def test_two_ranks_equal_one_process_on_the_whole_batch(ranks, single, key):
     want = single[key]
     assert want.abs().max() > 0
