@@ -3,7 +3,7 @@
 Each rank takes half of every training and validation batch; the online tuner's hyperparameter
 trajectory and final weights, and the forward (also with batched rows), reverse, truncated and
 reversible hypergradients, must equal a single process on the same global batches to 1e-6
-relative, and so must OfflineTuner(method="fds") and batched Hessian rows.
+relative, and so must OfflineTuner(method="fds").
 """
 
 import os
