@@ -15,6 +15,8 @@ from hyperdescent.experiment import compare, read_records, validate_config
 ray = pytest.importorskip("ray", reason="Ray Tune is not installed (the `ray` extra)")
 pytest.importorskip("ray.tune", reason="Ray Tune is not installed (the `ray` extra)")
 
+pytestmark = pytest.mark.ray
+
 BASE = {
     "name": "tiny", "task": "cancer_logreg", "seeds": [0], "steps": 40,
     "budget": {"trials": 4},
