@@ -143,3 +143,21 @@ def test_structure_stats():
     assert hd.hypergrad(p, steps=4, method="reverse", checkpoint_every=3).stats["segments"] == 2
     assert hd.hypergrad(p, steps=4, method="reverse").stats["segments"] == 1
     assert hd.hypergrad(p, steps=3, method="forward").stats["columns"] == 2
+
+
+def test_wall_time_stat_is_the_time_the_call_took():
+    import time
+
+    p = make_problem()
+    t0 = time.perf_counter()
+    res = hd.hypergrad(p, steps=3, method="reverse")
+    took = time.perf_counter() - t0
+    assert 0 < res.stats["wall_time_s"] <= took
+
+
+def test_a_tuner_without_a_real_hyperparameter_is_refused():
+    x, y = data(n=16)
+    p = hd.Problem(mlp(), optimizer=hd.optim.SGD(lr=0.1), space=hd.Space({}), train=(x, y),
+                   val=(x, y))
+    with pytest.raises(hd.HyperparameterError, match="no Real hyperparameter"):
+        hd.OnlineTuner(p)

@@ -334,3 +334,17 @@ def test_a_loaded_tuner_keeps_its_guard_settings(tmp_path):
     assert loaded.t == 4
     with pytest.raises(FloatingPointError):
         drive(loaded, loss, 10)
+
+
+@pytest.mark.parametrize("method", ["greedy", "truncated"])
+def test_rollback_restores_every_method_and_the_run_goes_on(method):
+    """A spike rolls back greedy and truncated tuners too (truncated restores its window of
+    past states), and the run continues with finite hypergradients."""
+    loss = Spiking(at={10})
+    tuner = tuner_with(loss, method=method, window=3, meta_lr=0.1, snapshot_every=4)
+    drive(tuner, loss, 14)
+    assert [e["event"] for e in tuner.events] == ["rollback"]
+    assert tuner.events[0]["to_step"] == 4
+    assert [r["step"] for r in tuner.history] == list(range(14))
+    assert all(math.isfinite(r["hypergrad_norm"]) and r["hypergrad_norm"] > 0
+               for r in tuner.history[4:])
