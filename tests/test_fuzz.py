@@ -139,7 +139,9 @@ def test_optimizers_either_build_and_step_finitely_or_raise_our_error(cls, kwarg
               st.sampled_from(["forward", "greedy", "truncated", "adam", "sgd", "sign", "val",
                                "train", "exact", "summed", ("lr",), ()])),
     max_size=3),
-    steps=st.one_of(st.integers(-2, 3), junk))
+    # junk without its large integers: a valid huge step count would just run
+    steps=st.one_of(st.integers(-2, 3), junk.filter(
+        lambda v: not isinstance(v, int) or isinstance(v, bool) or v <= 3)))
 def test_online_tuner_arguments_either_run_or_raise_our_error(kwargs, steps):
     tuner = attempt(hd.OnlineTuner, tiny_problem(), **kwargs)
     if tuner is None:
