@@ -555,3 +555,17 @@ def test_repeated_rollbacks_to_one_snapshot_compound_the_backtracking():
     assert seen[1] == pytest.approx(seen[0] / 2, rel=1e-12)
     assert seen[2] == pytest.approx(seen[0] / 4, rel=1e-12)
     assert tuner.history[0]["hparams"]["lr"] == pytest.approx(seen[2], rel=1e-12)
+
+
+def test_sigint_writes_a_checkpoint_then_raises_keyboard_interrupt(tmp_path):
+    ck = tmp_path / "ck.pt"
+    tuner = hd.OnlineTuner(make_problem(), meta_lr=0.1)
+
+    def callback(tu, record):
+        if tu.t == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        tuner.run(10, callback=callback, checkpoint=ck, checkpoint_every=100)
+    assert tuner.t == 3 and hd.OnlineTuner.load(ck, make_problem()).t == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
