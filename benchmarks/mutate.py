@@ -1,0 +1,127 @@
+"""Mutation testing of hypergrad/, optim/ and tuners/ (`make mutate`), and its report.
+
+Runs mutmut (configured in pyproject.toml [tool.mutmut]) in the current directory, on every
+mutant or on a seeded uniform sample of them (`--sample N`: the full run takes hours on a
+two-core machine), then writes a markdown report: the score (killed + timeout over the mutants
+run; "no tests" counts as survived), the score per module, and every survivor's diff.
+
+    python benchmarks/mutate.py [--sample N] [--seed S] [--children K] [--out FILE]
+    python benchmarks/mutate.py --report-only --names FILE   # report on a finished run
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+KILLED = {"killed", "timeout"}
+NOT_RUN = {"not checked", "skipped", "check was interrupted by user"}
+NO_MATCH = "no_mutant_matches_this_name"
+
+
+def mutmut(*args: str, check: bool = True) -> str:
+    """stdout of one mutmut command, run with this interpreter's mutmut."""
+    exe = Path(sys.executable).with_name("mutmut")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True,
+                          check=check).stdout
+
+
+def statuses() -> dict[str, str]:
+    """mutant name -> status, for every mutant mutmut generated."""
+    out = {}
+    for line in mutmut("results", "--all", "true").splitlines():
+        m = re.match(r"\s*(\S+): (.+)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def module_of(name: str) -> str:
+    """'hyperdescent.optim.sgd.xǁSGDǁ_tangent__mutmut_3' -> 'hyperdescent.optim.sgd'."""
+    return re.sub(r"\.x[_\u01c1].*$", "", name.split("__mutmut_")[0])
+
+
+def run(sample: int, seed: int, children: int) -> list[str] | None:
+    """Run mutmut on every mutant (sample=0) or a seeded sample; returns the sample's names."""
+    if not sample:
+        mutmut("run", "--max-children", str(children), check=False)
+        return None
+    # generate the mutants and the test statistics without running any mutant
+    mutmut("run", "--max-children", str(children), NO_MATCH, check=False)
+    names = sorted(statuses())
+    random.Random(seed).shuffle(names)
+    chosen = sorted(names[:sample])
+    mutmut("run", "--max-children", str(children), *chosen, check=False)
+    return chosen
+
+
+def report(out_path: str, names: list[str] | None, note: str = "") -> None:
+    """Write the report on `names` (None: every mutant that ran) to `out_path`."""
+    st = statuses()
+    total_generated = len(st)
+    if names is not None:
+        st = {n: st[n] for n in names if n in st}
+    st = {n: s for n, s in st.items() if s not in NOT_RUN}
+    per_file: dict[str, Counter] = defaultdict(Counter)
+    for name, s in st.items():
+        per_file[module_of(name)][s] += 1
+    total = Counter(st.values())
+    n_run = len(st)
+    killed = sum(total[s] for s in KILLED)
+    scope = (f"a seeded uniform sample of {n_run} of the {total_generated} mutants"
+             if names is not None else f"{n_run} of {total_generated} mutants")
+    lines = [
+        "# Mutation testing: hypergrad/, optim/, tuners/", "",
+        f"Command: `make mutate` (benchmarks/mutate.py; mutmut config in pyproject.toml "
+        f"[tool.mutmut]); written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. {note}", "",
+        f"**Score: {killed} of {n_run} killed = {100 * killed / max(n_run, 1):.1f}%** on "
+        f"{scope} (killed + timeout; 'no tests' counts as survived).", "",
+        "| status | mutants |", "|---|---|",
+        *[f"| {s} | {n} |" for s, n in total.most_common()], "",
+        "| module | run | killed | survived | no tests | score |", "|---|---|---|---|---|---|",
+    ]
+    for mod in sorted(per_file):
+        c = per_file[mod]
+        n = sum(c.values())
+        k = sum(c[s] for s in KILLED)
+        lines.append(f"| {mod} | {n} | {k} | {c['survived']} | {c['no tests']} | "
+                     f"{100 * k / max(n, 1):.0f}% |")
+    lines += ["", "## Survivors", ""]
+    for name, s in sorted(st.items()):
+        if s in KILLED:
+            continue
+        diff = [d for d in mutmut("show", name, check=False).splitlines()
+                if d[:1] in "+-" and not d.startswith(("+++", "---"))]
+        lines += [f"- `{name}` ({s})", "", "```diff", *diff, "```", ""]
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_path).write_text("\n".join(lines) + "\n")
+    print(f"{killed}/{n_run} killed ({100 * killed / max(n_run, 1):.1f}%) -> {out_path}")
+
+
+def main() -> None:
+    """Command line: run mutmut (or not) and write the report."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sample", type=int, default=0, help="mutants to run (0: all)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--children", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/results/mutation.md")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--names", help="file of mutant names to report on (one a line)")
+    ap.add_argument("--note", default="")
+    a = ap.parse_args()
+    names = None
+    if a.names:
+        names = Path(a.names).read_text().split()
+    if not a.report_only:
+        names = run(a.sample, a.seed, a.children)
+    report(a.out, names, a.note)
+
+
+if __name__ == "__main__":
+    main()
