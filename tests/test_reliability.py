@@ -565,7 +565,12 @@ def test_sigint_writes_a_checkpoint_then_raises_keyboard_interrupt(tmp_path):
         if tu.t == 3:
             os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises(KeyboardInterrupt):
-        tuner.run(10, callback=callback, checkpoint=ck, checkpoint_every=100)
+    # Python's own handler (another test in the session may have left a different one)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tuner.run(10, callback=callback, checkpoint=ck, checkpoint_every=100)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, old)
     assert tuner.t == 3 and hd.OnlineTuner.load(ck, make_problem()).t == 3
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
