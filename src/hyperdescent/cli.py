@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="every method of the config, same task, same budget")
     c.add_argument("config", help="experiment config (TOML)")
     c.add_argument("--out", help="run directory to write")
+    for q in (r, c):
+        q.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue an interrupted run directory (finished runs are kept)")
     p = sub.add_parser("report", help="rebuild summary.json, plots and report.md of a run")
     p.add_argument("run_dir", help="a run directory (finished or interrupted)")
     for q in (d, r, c):
@@ -109,10 +112,13 @@ def main(argv: list[str] | None = None) -> int:
             path = compare(cfg, out=args.out, progress=progress)
             return _finish(path, f"demo: {cfg.task}, {args.budget:g} s wall clock per method")
         cfg = load_config(args.config)
+        if args.resume and args.out:
+            return _fail("give --resume RUN_DIR or --out DIR, not both")
         if args.command == "run":
-            path = run(cfg, out=args.out, method=args.method, progress=progress)
+            path = run(cfg, out=args.out, method=args.method, progress=progress,
+                       resume=args.resume)
         else:
-            path = compare(cfg, out=args.out, progress=progress)
+            path = compare(cfg, out=args.out, progress=progress, resume=args.resume)
         return _finish(path)
     except HyperdescentError as e:
         return _fail(str(e).replace("\n", " "))

@@ -127,12 +127,14 @@ def results_table(summary: dict[str, Any], title: str | None = None):
 
 
 def compare(cfg: Config, out: str | Path | None = None, progress: bool = True,
-            threads: int | None = 1, console=None) -> Path:
+            threads: int | None = 1, console=None, resume: str | Path | None = None) -> Path:
     """Run every method x seed of `cfg` under its budget; write the run directory and return its path.
 
     `out` is the run directory itself (default `<output_dir or runs>/<date>-<time>-<name>/`);
     `threads` sets torch's intra-op threads during the runs (1: fastest for these small models
-    and the same for every method; None leaves torch's setting alone).
+    and the same for every method; None leaves torch's setting alone). `resume` continues an
+    interrupted run directory started with the same config: finished method x seed runs are
+    kept, unfinished ones run again from their start (seeded, so as they would have run).
     """
     from .. import tasks
     from ..report.markdown import build_report
@@ -141,8 +143,12 @@ def compare(cfg: Config, out: str | Path | None = None, progress: bool = True,
     for m in cfg.methods:  # fail before creating anything on a bad space override
         build_space(task, cfg, m)
     resolve_steps(task, cfg)
-    rd = RunDir.create(cfg.name, out, parent=cfg.output_dir)
-    rd.write_config(cfg)
+    done: set = set()
+    if resume is not None:
+        rd, done = RunDir.reopen(resume, cfg)
+    else:
+        rd = RunDir.create(cfg.name, out, parent=cfg.output_dir)
+        rd.write_config(cfg)
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -153,7 +159,7 @@ def compare(cfg: Config, out: str | Path | None = None, progress: bool = True,
                 rd.log(rec)
                 display.update(rec)
 
-            run_all(task, cfg, log)
+            run_all(task, cfg, log, done=done)
     except BaseException as e:  # interrupted or failed: keep what was written, report it, re-raise
         with contextlib.suppress(AttributeError, TypeError):
             e.run_dir = rd.path  # type: ignore[attr-defined]
@@ -176,6 +182,7 @@ def single(cfg: Config, method: str | None = None) -> Config:
 
 
 def run(cfg: Config, out: str | Path | None = None, method: str | None = None,
-        progress: bool = True, console=None) -> Path:
+        progress: bool = True, console=None, resume: str | Path | None = None) -> Path:
     """One tuning run: `compare` with the config's single method (or the one labelled `method`)."""
-    return compare(single(cfg, method), out=out, progress=progress, console=console)
+    return compare(single(cfg, method), out=out, progress=progress, console=console,
+                   resume=resume)

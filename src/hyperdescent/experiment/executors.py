@@ -32,13 +32,19 @@ EXECUTORS = ("local", "ray")
 _PROGRESS = "progress.json"
 
 
-def run_all(task: Task, cfg: Config, log: Log, callbacks: Sequence = ()) -> None:
-    """Every method x seed of `cfg` on its executor, records through `log`."""
+def run_all(task: Task, cfg: Config, log: Log, callbacks: Sequence = (),
+            done: set[tuple[str, int]] = frozenset()) -> None:
+    """Every method x seed of `cfg` on its executor, records through `log`; the (label, seed)
+    runs in `done` (finished before an interruption) are not run again."""
     if cfg.executor == "local":
         for m in cfg.methods:
             for seed in cfg.seeds:
-                run_method(task, cfg, m, seed, log)
+                if (m.label, seed) not in done:
+                    run_method(task, cfg, m, seed, log)
         return
+    if done:
+        raise ConfigError("resuming a compare run with executor = 'ray' is not supported yet; "
+                          "resume it with executor = 'local', or start it again")
     RayExecutor(cfg, callbacks).run(task, log)
 
 

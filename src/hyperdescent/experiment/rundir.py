@@ -87,6 +87,32 @@ class RunDir:
                 path = base / f"{stamp}-{name}-{k}"
         return cls(path)
 
+    @classmethod
+    def reopen(cls, path: str | Path, cfg: Config) -> tuple[RunDir, set[tuple[str, int]]]:
+        """An interrupted run directory to continue with `cfg` (which must be the config it
+        was started with): (the directory, the (method, seed) runs that finished). Records of
+        runs that did not finish are dropped (atomically), so that their rerun writes each
+        record exactly once."""
+        path = Path(path)
+        if not (path / CONFIG).is_file():
+            raise ConfigError(f"--resume {str(path)!r} is not a run directory (no {CONFIG})")
+        if dump_config(load_config(path / CONFIG)) != dump_config(cfg):
+            raise ConfigError(f"--resume {str(path)!r} was started with another config; resume "
+                              f"it with the config.toml it holds")
+        records = read_records(path / METRICS)
+        done = {(r["method"], r["seed"]) for r in records if r.get("kind") == "run_end"}
+        keep = [r for r in records if "method" not in r or (r["method"], r.get("seed")) in done]
+        rd = cls(path)
+        if is_writer() and len(keep) != len(records):
+            tmp = path / f".{METRICS}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(jsonable(r), allow_nan=False) + "\n" for r in keep)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path / METRICS)
+        (path / SUMMARY).unlink(missing_ok=True)
+        return rd, done
+
     @property
     def metrics_path(self) -> Path:
         """Path of metrics.jsonl."""
