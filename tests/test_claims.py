@@ -143,6 +143,7 @@ def test_structure_stats():
     assert hd.hypergrad(p, steps=4, method="reverse", checkpoint_every=3).stats["segments"] == 2
     assert hd.hypergrad(p, steps=4, method="reverse").stats["segments"] == 1
     assert hd.hypergrad(p, steps=3, method="forward").stats["columns"] == 2
+    assert hd.hypergrad(p, steps=4, method="truncated", window=3).stats["window"] == 3
 
 
 def test_wall_time_stat_is_the_time_the_call_took():

@@ -348,3 +348,18 @@ def test_rollback_restores_every_method_and_the_run_goes_on(method):
     assert [r["step"] for r in tuner.history] == list(range(14))
     assert all(math.isfinite(r["hypergrad_norm"]) and r["hypergrad_norm"] > 0
                for r in tuner.history[4:])
+
+
+def test_backtracking_halves_a_per_layer_learning_rate_layer_by_layer():
+    sp = hd.Space({"lr": hd.Real(LR0, low=1e-4, high=1.0, log=True, per="layer"),
+                   "weight_decay": hd.Real(WD0, low=1e-6, high=0.1, log=True)})
+    loss = Spiking(at={10})
+    p = make_problem(loss, sp)
+    loss.model = p.model
+    tuner = hd.OnlineTuner(p, meta_lr=0.1, snapshot_every=4)
+    recs = drive(tuner, loss, 11, stop_at_event=True)
+    assert recs[-1]["event"] == "rollback" and recs[-1]["to_step"] == 4
+    at_snapshot = recs[4]["hparams"]["lr"]  # what step 4 used: the snapshot's values
+    assert len(set(at_snapshot.values())) > 1  # the layers moved apart
+    for name, v in tuner.hparams["lr"].items():
+        assert v.item() == pytest.approx(0.5 * at_snapshot[name], rel=1e-12), name

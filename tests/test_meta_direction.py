@@ -203,3 +203,23 @@ def test_offline_adam_meta_step_moves_each_coordinate_by_meta_lr():
     expected = -ETA * torch.sign(torch.stack([ref.raw_grad[n] for n in NAMES]))
     # (up to eps / |g|: Adam divides by |g| + 1e-8)
     assert torch.allclose(step, expected, rtol=1e-4), (step, expected)
+
+
+def test_the_meta_step_reads_validation_batch_t():
+    """val_batch_size below the validation set: the meta-step after T steps uses validation
+    batch T, as hd.hypergrad does."""
+    x, y = data(n=64)
+
+    def small_val():
+        return hd.Problem(mlp(), optimizer=hd.optim.SGD(momentum=0.9), space=space(),
+                          train=(x, y), val=(x[:24] + 0.1, y[:24]), batch_size=16,
+                          val_batch_size=8, seed=1)
+
+    tuner = hd.OnlineTuner(small_val(), meta_optimizer="sgd", meta_lr=ETA, clip=None,
+                           hyper_every=T, reset_every=None)
+    before = tuner.hparams
+    tuner.run(T)
+    ref = hd.hypergrad(small_val(), steps=T, method="reverse")
+    assert tuner.history[-1]["val_loss"] == pytest.approx(ref.value, rel=1e-12)
+    got = signed_raw_hypergrad(before, tuner.hparams)
+    assert torch.allclose(got, torch.stack([ref.raw_grad[n] for n in NAMES]), rtol=1e-9)

@@ -288,3 +288,47 @@ def test_truncated_window_below_T_matches_an_independent_unroll(window):
     # and it is a truncation: the full reverse hypergradient differs
     full = hd.hypergrad(p, steps=T, method="reverse")
     assert abs(full.grad["lr"].item() - d_lr.item()) > 1e-6 * abs(d_lr.item())
+
+
+OPT_CASES = [("SGD", dict(momentum=0.9, dampening=0.3, weight_decay=0.01), ("lr", "momentum")),
+             ("SGD", dict(momentum=0.9, nesterov=True), ("lr", "weight_decay", "momentum")),
+             ("Adam", dict(weight_decay=0.01), ("lr", "beta1", "eps")),
+             ("AdamW", {}, ("lr", "weight_decay", "beta2")),
+             ("RMSprop", dict(centered=True, momentum=0.5), ("lr", "alpha", "momentum"))]
+
+
+@pytest.mark.parametrize("opt,options,tuned", OPT_CASES, ids=[c[0] for c in OPT_CASES])
+def test_optimizer_tangent_method_is_the_jvp_of_update(opt, options, tuned):
+    """`opt.tangent(...)` (the optimizer's exact JVP, called directly, at a state after two
+    steps) equals torch.func.jvp of `opt.update` along random tangents of every input."""
+    g = torch.Generator().manual_seed(5)
+    model = mlp()
+    params = {n: q.detach().clone() for n, q in model.named_parameters()}
+
+    def rnd(t):
+        return torch.randn(t.shape, generator=g, dtype=torch.float64)
+
+    o = getattr(hd.optim, opt)(**options)
+    state = o.init(params, hp_names=tuned)
+    hp = {n: torch.tensor(START[n] if n != "lr" else LR_START[opt], dtype=torch.float64)
+          for n in tuned}
+    for _ in range(2):
+        params, state = o.update(params, state, {n: rnd(q) for n, q in params.items()}, hp)
+    grads = {n: rnd(q) for n, q in params.items()}
+    tens = {k: v for k, v in state.items() if isinstance(v, dict)}
+    dp, dg = ({n: rnd(q) for n, q in params.items()} for _ in range(2))
+    ds = {k: {n: rnd(x) for n, x in d.items()} for k, d in tens.items()}
+    dh = {n: torch.tensor(0.3 + 0.1 * i, dtype=torch.float64) for i, n in enumerate(tuned)}
+
+    def update(p_, s_, g_, h_):
+        new_p, new_s = o.update(p_, {**state, **s_}, g_, h_)
+        return new_p, {k: v for k, v in new_s.items() if isinstance(v, dict)}
+
+    _, (ref_p, ref_s) = jvp(update, (params, tens, grads, hp), (dp, ds, dg, dh))
+    dhp = {n: {p: v for p in params} for n, v in dh.items()}  # per-parameter view of λ's tangent
+    got_p, got_s = o.tangent(params, state, grads, hp, dp, ds, dg, dhp)
+    for n in params:
+        assert torch.allclose(got_p[n], ref_p[n], rtol=1e-10, atol=1e-13), n
+    for k in ref_s:
+        for n in params:
+            assert torch.allclose(got_s[k][n], ref_s[k][n], rtol=1e-10, atol=1e-13), (k, n)
