@@ -188,11 +188,6 @@ class OnlineTuner:
             self.carry = self.engine.reset(self.carry)
         if batch is None and cfg["method"] != "truncated":
             batch = problem.train_batch(t)
-        checked = batch if batch is not None or not problem.replayable else problem.train_batch(t)
-        if checked is not None and not _finite_batch(checked):
-            self.t += 1
-            return self._skip(t0, {"step": t, "train_loss": math.nan, "hparams": hp_used},
-                              "non-finite values in the training batch")
         # engines never write a state or carry in place: these stay the pre-step ones
         before = (self.state, self.carry)
         self.state, self.carry, loss = self.engine.step(self.carry, self.state, batch, leaves, t)
@@ -200,6 +195,15 @@ class OnlineTuner:
                                   "tangent_norm": self.engine.tangent_norm(self.carry)}
         self.t += 1
         if self.guard.diverged(self.t, record["train_loss"]):
+            # a batch is checked only once its loss is not finite (no cost on healthy steps):
+            # a batch holding NaN/inf is skipped from the pre-step state, not rolled back for
+            checked = batch if batch is not None or not problem.replayable else \
+                problem.train_batch(t)
+            if not math.isfinite(record["train_loss"]) and checked is not None \
+                    and not _finite_batch(checked):
+                self.state, self.carry = before
+                return self._skip(t0, {"step": t, "train_loss": math.nan, "hparams": hp_used},
+                                  "non-finite values in the training batch")
             if not math.isfinite(record["train_loss"]) and self._fault_step == t:
                 # non-finite again at the same step after rolling back to before it: the
                 # batch overflows whatever the weights, so it is skipped, not retried
