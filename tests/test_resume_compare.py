@@ -8,6 +8,7 @@ import textwrap
 import time
 
 import pytest
+import torch
 
 from hyperdescent.cli import main
 from hyperdescent.experiment.rundir import read_records
@@ -78,3 +79,59 @@ def test_resume_refuses_another_config_and_a_missing_directory(tmp_path, capsys)
     before = read_records(out / "metrics.jsonl")
     assert main(["compare", str(cfg), "--resume", str(out), "--no-progress"]) == 0
     assert read_records(out / "metrics.jsonl") == before
+
+
+def _interrupt_at(step_of, at):
+    """A callback that sends this process SIGINT once `step_of(tuner)` reaches `at`."""
+    import os
+
+    def callback(tuner, record):
+        if step_of(tuner) == at:
+            os.kill(os.getpid(), signal.SIGINT)
+    return callback
+
+
+def test_offline_tuner_saves_on_sigint_and_resumes_bit_identically(tmp_path):
+    from test_offline_tuner import make_problem
+
+    import hyperdescent as hd
+
+    ck = tmp_path / "off.pt"
+    full = hd.OfflineTuner(make_problem(), steps=6, meta_steps=3).run()
+    part = hd.OfflineTuner(make_problem(), steps=6, meta_steps=3)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            part.run(checkpoint=ck, checkpoint_every=10, callback=_interrupt_at(lambda t: t.m, 1))
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert part.m == 1  # the meta-step under way finished, then the run stopped
+    back = hd.OfflineTuner.load(ck, make_problem())
+    assert back.m == 1
+    back.run()
+    assert all(torch.equal(full.values[k], back.values[k]) for k in full.values)
+
+
+def test_stn_trainer_saves_on_sigint_and_resumes_bit_identically(tmp_path):
+    from test_stn import SPACE, _trainer
+
+    from hyperdescent import stn
+
+    model, train, val, opts = _trainer()
+    full = stn.STNTrainer(model, SPACE, train, val, **opts).run(12)
+    ck = tmp_path / "stn.pt"
+    m1, *_ = _trainer()
+    part = stn.STNTrainer(m1, SPACE, train, val, **opts)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            part.run(12, checkpoint=ck, checkpoint_every=100,
+                     callback=_interrupt_at(lambda t: t.t, 7))
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert part.t == 7
+    m2, *_ = _trainer()
+    resumed = stn.STNTrainer.load(ck, m2, SPACE, train, val, **opts)
+    assert resumed.t == 7
+    resumed.run(12)
+    assert full.hparams == resumed.hparams and full.history == resumed.history

@@ -23,6 +23,7 @@ from torch.nn import functional as F
 from ..data import ReplayableBatches, as_tensor_pair, seed_for
 from ..errors import DataError, HyperparameterError
 from ..space import Real, Space
+from ..tuners.checkpoint import Checkpointer
 from ..tuners.guard import DivergenceGuard, GuardExhausted
 from ..tuners.meta import MetaOptimizer
 from ..tuners.record import copy_record, load_record, save_record
@@ -302,12 +303,14 @@ class STNTrainer:
                                        or checkpoint_every < 1):
             raise HyperparameterError(f"checkpoint= needs checkpoint_every >= 1, got "
                                       f"{checkpoint_every!r}")
-        while self.t < steps:
-            rec = self.step()
-            if checkpoint is not None and "event" not in rec and self.t % checkpoint_every == 0:
-                self.save(checkpoint)
-            if callback is not None:
-                callback(self, rec)
+        # SIGINT/SIGTERM wait for the step under way, then the state is saved first
+        with Checkpointer(checkpoint, checkpoint_every, self.save) as ck:
+            while self.t < steps and not ck.stop:
+                rec = self.step()
+                if "event" not in rec:  # a rolled-back step is not a state worth saving
+                    ck.after_step(self.t)
+                if callback is not None:
+                    callback(self, rec)
         return self
 
     # -- results ---------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from ..data import ReplayableBatches, seed_for
 from ..errors import DataError, HyperdescentError, HyperparameterError, NonFiniteError
 from ..problem import InnerState, Problem
 from ..space import Piecewise, Real, Space, flatten, unflatten
+from .checkpoint import Checkpointer
 from .meta import KINDS as OUTER_RULES
 from .meta import MetaOptimizer
 from .online import to_plain
@@ -357,12 +358,13 @@ class OfflineTuner:
         """Take meta-steps until `meta_steps` (default: the constructor's) have been taken in
         total, saving the whole state to `checkpoint` every `checkpoint_every` of them."""
         total = self.config["meta_steps"] if meta_steps is None else int(meta_steps)
-        while self.m < total:
-            record = self.step()
-            if callback is not None:
-                callback(self, record)
-            if checkpoint is not None and (self.m % checkpoint_every == 0 or self.m == total):
-                self.save(checkpoint)
+        # SIGINT/SIGTERM wait for the meta-step under way, then the state is saved first
+        with Checkpointer(checkpoint, checkpoint_every, self.save) as ck:
+            while self.m < total and not ck.stop:
+                record = self.step()
+                if callback is not None:
+                    callback(self, record)
+                ck.after_step(self.m)
         return self
 
     # -- training with the learned values --------------------------------------------------
