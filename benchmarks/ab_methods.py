@@ -32,7 +32,13 @@ JOBS = ("reverse", "forward", "implicit", "oho")
 
 def _job(hd, problem, job: str, T: int):
     if job == "oho":
-        return lambda: hd.OnlineTuner(problem, meta_lr=0.03).run(T)
+        start = problem.hparams
+
+        def oho():
+            # a finished tuner leaves its values on the problem: every round starts afresh
+            problem.set_hparams(start)
+            return hd.OnlineTuner(problem, meta_lr=0.03).run(T)
+        return oho
     return lambda: hd.hypergrad(problem, steps=T, method=job)
 
 
