@@ -363,3 +363,19 @@ def test_backtracking_halves_a_per_layer_learning_rate_layer_by_layer():
     assert len(set(at_snapshot.values())) > 1  # the layers moved apart
     for name, v in tuner.hparams["lr"].items():
         assert v.item() == pytest.approx(0.5 * at_snapshot[name], rel=1e-12), name
+
+
+def test_after_a_rollback_the_meta_step_is_taken_at_the_halved_meta_lr():
+    """SGD meta-optimizer, no clip: the first meta-step after a rollback moves raw λ by
+    -(meta_lr / 2) · dE/draw, with dE/dλ from that step's record."""
+    loss = Spiking(at={10})
+    tuner = tuner_with(loss, meta_optimizer="sgd", meta_lr=0.1, clip=None, snapshot_every=4)
+    drive(tuner, loss, 11, stop_at_event=True)
+    assert tuner.events[-1]["event"] == "rollback" and tuner.t == 4
+    before = {k: float(v) for k, v in tuner.hparams.items()}
+    loss.t = tuner.t
+    rec = tuner.step()
+    for n, v in before.items():
+        raw_grad = float(rec["hypergrad"][n]) * v  # log coordinates: d nat / d raw = value
+        moved = math.log(float(tuner.hparams[n])) - math.log(v)
+        assert moved == pytest.approx(-0.05 * raw_grad, rel=1e-9), n
