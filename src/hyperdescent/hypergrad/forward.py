@@ -462,7 +462,7 @@ def forward(problem: Problem, steps: int, values: dict, *, tangent="exact",
     per sample whatever the number of hyperparameters, averaged over `uoro_samples`
     independent samples, its signs drawn from `seed` (default: the problem's). compile=True
     (or a dict of `torch.compile` options) runs each step as one compiled function; the
-    compilation itself (tens of seconds on CPU) is in `stats["wall_time_s"]`. clamp_grad /
+    compilation itself (seconds on CPU; benchmarks/results/hypergrad_cost.md) is in `stats["wall_time_s"]`. clamp_grad /
     clamp_hz bound the training gradient and H·Z elementwise (Micaelli & Storkey 2021).
     batched_rows: all Hessian-vector rows of a step in one vmapped backward (default: on CUDA).
     """
