@@ -121,6 +121,24 @@ def tuner_step(hd, problem, **kw):
     return tuner.step
 
 
+def _variants(hd, make, batch: int, layered, cols: int) -> dict:
+    """Label -> a function building the step to time: each variant is built just before it is
+    timed, so that no other variant's model and tangent are alive meanwhile."""
+    return {
+        "OHO global lr+wd (exact)": lambda: tuner_step(hd, _problem(hd, make, batch, False)),
+        f"per-layer lr exact ({cols} columns)": lambda: tuner_step(hd, layered),
+        "per-layer lr summed": lambda: tuner_step(hd, _problem(hd, make, batch, True),
+                                                  tangent="summed"),
+        "per-layer lr uoro": lambda: tuner_step(hd, _problem(hd, make, batch, True),
+                                                tangent="uoro"),
+        "per-layer lr truncated (window 10)": lambda: tuner_step(
+            hd, _problem(hd, make, batch, True), method="truncated", window=10),
+        f"irreducible exact: gradient with graph + {cols} HVPs":
+            lambda: irreducible(layered, cols),
+        "irreducible global: gradient with graph + 2 HVPs": lambda: irreducible(layered, 2),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="batch 16, CNN only, 2 repetitions")
@@ -139,22 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         base = _time(plain_step(make, batch), reps)
         layered = _problem(hd, make, batch, True)
         cols = len(list(make().parameters()))
-        variants = {
-            "OHO global lr+wd (exact)": tuner_step(hd, _problem(hd, make, batch, False)),
-            f"per-layer lr exact ({cols} columns)": tuner_step(hd, layered),
-            "per-layer lr summed": tuner_step(hd, _problem(hd, make, batch, True),
-                                              tangent="summed"),
-            "per-layer lr uoro": tuner_step(hd, _problem(hd, make, batch, True), tangent="uoro"),
-            "per-layer lr truncated (window 10)": tuner_step(
-                hd, _problem(hd, make, batch, True), method="truncated", window=10),
-            f"irreducible exact: gradient with graph + {cols} HVPs": irreducible(layered, cols),
-            "irreducible global: gradient with graph + 2 HVPs": irreducible(layered, 2),
-        }
+        variants = _variants(hd, make, batch, layered, cols)
         if name == "resnet18" and not args.quick:
             # the exact per-layer tangent on ResNet-18 (62 columns) takes minutes a step on CPU
             variants.pop(f"per-layer lr exact ({cols} columns)")
-        for label, fn in variants.items():
-            sec = _time(fn, reps)
+        for label, build in variants.items():
+            sec = _time(build(), reps)
             rows.append({"model": name, "variant": label, "seconds": sec, "ratio": sec / base,
                          "plain_step_s": base})
             print(f"{name:9s} {label:50s} {sec * 1e3:9.1f} ms  {sec / base:6.2f}x plain")
