@@ -25,7 +25,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..tasks.base import Task
 from .config import Config, Method
-from .runners import _describe, build_space, resolve_steps, run_method
+from .runners import _describe, build_space, record_trial, resolve_steps, run_method
 
 Log = Callable[[dict[str, Any]], None]
 EXECUTORS = ("local", "ray")
@@ -397,26 +397,9 @@ class _AskTell:
                     return self.study.get_trials(deepcopy=False)[t.number]
 
             def _record(self, ft) -> None:
-                st, attrs = self.state, ft.user_attrs
-                st["inner"] += int(attrs.get("inner_steps", 0) or 0)
-                st["n"] += 1
-                complete = ft.state == optuna.trial.TrialState.COMPLETE
-                value = ft.value if complete else None
-                if ft.state == optuna.trial.TrialState.PRUNED:
-                    st["pruned"] += 1
-                if complete and value is not None and math.isfinite(value) and value < st["best"]:
-                    st.update(best=value, best_trial=ft.number, best_params=dict(ft.params),
-                              test_loss=attrs.get("test_loss"), test_acc=attrs.get("test_acc"))
-                last = (ft.intermediate_values[max(ft.intermediate_values)]
-                        if ft.intermediate_values else None)
-                self.log({**self.base, "kind": "trial", "trial": ft.number, "state": ft.state.name.lower(),
-                     "value": value, "last_val_loss": last, "params": dict(ft.params),
-                     "trial_inner_steps": attrs.get("inner_steps"),
-                     "trial_wall_s": attrs.get("wall_time"), "val_acc": attrs.get("val_acc"),
-                     "pruned_by": attrs.get("pruned_by"), "inner_steps": st["inner"],
-                     "elapsed_s": time.perf_counter() - self.t0, "best_val_loss": st["best"],
-                     "best_trial": st["best_trial"], "test_loss": st["test_loss"],
-                     "test_acc": st["test_acc"], "executor": "ray"})
+                st = self.state
+                self.log({**record_trial(st, ft, self.base, time.perf_counter() - self.t0),
+                          "executor": "ray"})
                 why = self._spent()
                 if why and why != "trials" or (why == "trials" and not self.live):
                     st["stopped_by"] = st["stopped_by"] or why

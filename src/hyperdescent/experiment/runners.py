@@ -224,6 +224,34 @@ class _BudgetTrial:
         return getattr(self._trial, name)
 
 
+
+def record_trial(state: dict[str, Any], ft, base: dict[str, Any], elapsed: float
+                 ) -> dict[str, Any]:
+    """Count a finished Optuna trial into a black-box run's running `state` (inner steps,
+    trials, pruned, best so far) and return its metrics record (one per trial, whichever
+    executor ran it)."""
+    import optuna
+
+    attrs = ft.user_attrs
+    state["inner"] += int(attrs.get("inner_steps", 0) or 0)
+    state["n"] += 1
+    complete = ft.state == optuna.trial.TrialState.COMPLETE
+    value = ft.value if complete else None
+    if ft.state == optuna.trial.TrialState.PRUNED:
+        state["pruned"] += 1
+    if complete and value is not None and math.isfinite(value) and value < state["best"]:
+        state.update(best=value, best_trial=ft.number, best_params=dict(ft.params),
+                     test_loss=attrs.get("test_loss"), test_acc=attrs.get("test_acc"))
+    last = (ft.intermediate_values[max(ft.intermediate_values)]
+            if ft.intermediate_values else None)
+    return {**base, "kind": "trial", "trial": ft.number, "state": ft.state.name.lower(),
+            "value": value, "last_val_loss": last, "params": dict(ft.params),
+            "trial_inner_steps": attrs.get("inner_steps"), "trial_wall_s": attrs.get("wall_time"),
+            "val_acc": attrs.get("val_acc"), "pruned_by": attrs.get("pruned_by"),
+            "inner_steps": state["inner"], "elapsed_s": elapsed, "best_val_loss": state["best"],
+            "best_trial": state["best_trial"], "test_loss": state["test_loss"],
+            "test_acc": state["test_acc"]}
+
 def run_blackbox(task: Task, cfg: Config, method: Method, seed: int, log: Log) -> dict[str, Any]:
     """One black-box search (Optuna sampler/pruner) under the budget; returns the run_end record."""
     from ..blackbox import search, space_to_distributions, task_objective
@@ -264,26 +292,8 @@ def run_blackbox(task: Task, cfg: Config, method: Method, seed: int, log: Log) -
     wrapped.param_shapes = objective.param_shapes  # type: ignore[attr-defined]
 
     def callback(study: optuna.Study, ft: optuna.trial.FrozenTrial) -> None:
-        attrs = ft.user_attrs
-        state["inner"] += int(attrs.get("inner_steps", 0))
-        state["n"] += 1
         elapsed = time.perf_counter() - t0
-        complete = ft.state == optuna.trial.TrialState.COMPLETE
-        value = ft.value if complete else None
-        if ft.state == optuna.trial.TrialState.PRUNED:
-            state["pruned"] += 1
-        if complete and value is not None and math.isfinite(value) and value < state["best"]:
-            state.update(best=value, best_trial=ft.number, best_params=dict(ft.params),
-                         test_loss=attrs.get("test_loss"), test_acc=attrs.get("test_acc"))
-        last = (ft.intermediate_values[max(ft.intermediate_values)]
-                if ft.intermediate_values else None)
-        log({**base, "kind": "trial", "trial": ft.number, "state": ft.state.name.lower(),
-             "value": value, "last_val_loss": last, "params": dict(ft.params),
-             "trial_inner_steps": attrs.get("inner_steps"), "trial_wall_s": attrs.get("wall_time"),
-             "val_acc": attrs.get("val_acc"), "pruned_by": attrs.get("pruned_by"),
-             "inner_steps": state["inner"], "elapsed_s": elapsed, "best_val_loss": state["best"],
-             "best_trial": state["best_trial"], "test_loss": state["test_loss"],
-             "test_acc": state["test_acc"]})
+        log(record_trial(state, ft, base, elapsed))
         why = _budget_left(cfg, elapsed, state["inner"])
         if why:
             state["stopped_by"] = why
