@@ -12,7 +12,7 @@ from ..experiment.config import Config
 def plot_pbt(path: Path, cfg: Config, records: list[dict]) -> Path | None:
     """PBT members' hyperparameters vs inner step (x: exploit), OHO-style trajectories beside."""
     from .markdown import runs_of
-    from .plots import _colors, _figure, _leaves, _trajectory
+    from .plots import _colors, _figure, _leaves, _style_trajectory_axis, _trajectory
     pbt = [r for r in records if r.get("kind") == "pbt_step" and r.get("seed") == cfg.seeds[0]]
     if not pbt:
         return None
@@ -40,12 +40,8 @@ def plot_pbt(path: Path, cfg: Config, records: list[dict]) -> Path | None:
                        for v in _leaves(hp.get(name), name).values()]
                 if pts:
                     ax.plot(*zip(*pts), color=colors[label], lw=1.5, label=label)
-        ax.set_yscale("log")
-        ax.set_xlabel("inner step (x: a member copied a better one and moved its values)")
-        ax.set_ylabel(name)
-        ax.set_title(f"{name}: PBT's schedule and the learned trajectories")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2,
-                  frameon=False)
+        _style_trajectory_axis(
+            ax, name, "inner step (x: a member copied a better one and moved its values)",
+            f"{name}: PBT's schedule and the learned trajectories")
     fig.savefig(path, dpi=110)
     return path

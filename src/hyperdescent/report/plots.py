@@ -141,6 +141,17 @@ def _trajectory(run: dict) -> list[tuple[int, dict]]:
     return pts
 
 
+def _style_trajectory_axis(ax, name: str, xlabel: str, title: str) -> None:
+    """Log-scaled hyperparameter axis with its legend below the plot (shared by the reports)."""
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(name)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2,
+              frameon=False)
+
+
 def plot_hparams(path: Path, cfg: Config, records: list[dict]) -> Path | None:
     """Gradient methods' hyperparameter trajectories (one panel per hyperparameter, log y)."""
     grad_labels = [m.label for m in cfg.methods if m.gradient]
@@ -197,13 +208,8 @@ def plot_hparams(path: Path, cfg: Config, records: list[dict]) -> Path | None:
             if name in params and params[name] > 0:
                 ax.axhline(params[name], color=colors[label], ls="--", lw=1,
                            label=f"{label}: best {name} (seed {cfg.seeds[0]})")
-        ax.set_yscale("log")
-        ax.set_xlabel("inner step (x: abandoned by a rollback)")
-        ax.set_ylabel(name)
-        ax.set_title(f"{name} along the training run")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2,
-                  frameon=False)
+        _style_trajectory_axis(ax, name, "inner step (x: abandoned by a rollback)",
+                               f"{name} along the training run")
     fig.savefig(path, dpi=110)
     return path
 
