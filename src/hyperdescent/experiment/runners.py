@@ -21,8 +21,10 @@ Records carry ``method`` (the label), ``seed``, ``kind``, ``inner_steps`` (cumul
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -32,6 +34,7 @@ from ..optim.names import BY_OPTIMIZER
 from ..space import Piecewise, Real, Space
 from ..tasks.base import Task
 from .config import GRADIENT_KINDS, Config, HParam, Method
+from .run_checkpoint import TUNER_FILE, RunCheckpoint, read_runner, write_runner
 
 Log = Callable[[dict[str, Any]], None]
 
@@ -106,14 +109,25 @@ def _plain_hparams(values: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- gradient methods --------------------------------------------------------------------------
+def resumable(method: Method) -> bool:
+    """Whether `method`'s runs resume from a RunCheckpoint (run_gradient's kinds)."""
+    return method.kind in GRADIENT_KINDS
+
+
 class _Stop(Exception):
     def __init__(self, why: str):
         super().__init__(why)
         self.why = why
 
 
-def run_gradient(task: Task, cfg: Config, method: Method, seed: int, log: Log) -> dict[str, Any]:
-    """One OnlineTuner training run (OHO / greedy / truncated) under the budget; returns run_end."""
+def run_gradient(task: Task, cfg: Config, method: Method, seed: int, log: Log,
+                 checkpoint: RunCheckpoint | None = None) -> dict[str, Any]:
+    """One OnlineTuner training run (OHO / greedy / truncated; Im, Savin & Cho 2021, "Online
+    hyperparameter optimization by real-time recurrent learning") under the budget; returns run_end.
+
+    With `checkpoint` (run_checkpoint.RunCheckpoint) the run resumes from `checkpoint.latest()`
+    when there is one (no run_start or step-0 record again; the inner steps and seconds already
+    charged carry on) and saves tuner and counters after every logged evaluation."""
     from ..optim import SGD, Adam
     from ..problem import Problem
     from ..tuners.online import OnlineTuner
@@ -129,9 +143,11 @@ def run_gradient(task: Task, cfg: Config, method: Method, seed: int, log: Log) -
     val_batch_size = int(settings.pop("val_batch_size", task.batch_size))
     trace_every = max(1, eval_every // 8)
     base = {"method": method.label, "seed": seed}
-    log({**base, "kind": "run_start", "method_kind": method.kind, "steps": steps,
-         "eval_every": eval_every, "settings": settings, "space": _describe(space),
-         "time": time.time()})
+    resume = checkpoint.latest() if checkpoint is not None else None
+    if resume is None:
+        log({**base, "kind": "run_start", "method_kind": method.kind, "steps": steps,
+             "eval_every": eval_every, "settings": settings, "space": _describe(space),
+             "time": time.time()})
 
     t0 = time.perf_counter()
     optimizer = (SGD(momentum=task.momentum) if task.optimizer == "sgd" else Adam())
@@ -145,6 +161,18 @@ def run_gradient(task: Task, cfg: Config, method: Method, seed: int, log: Log) -
             from None
     state = {"executed": 0, "best": math.inf, "best_acc": None, "trace": [], "events": 0,
              "last_logged": -1}
+    if resume is not None:
+        saved = read_runner(resume)
+        tuner = OnlineTuner.load(resume / TUNER_FILE, problem)
+        state = saved["state"]
+        t0 -= saved["elapsed_s"]  # the seconds charged before the restart stay charged
+
+    def save_checkpoint() -> None:
+        with tempfile.TemporaryDirectory() as d:
+            tuner.save(Path(d) / TUNER_FILE)
+            write_runner(Path(d), {"state": state, "step": tuner.t,
+                                   "elapsed_s": time.perf_counter() - t0})
+            checkpoint.save(Path(d))
 
     def evaluate_and_log(train_loss: float | None = None) -> None:
         ev = tuner.evaluate("val")
@@ -159,6 +187,8 @@ def run_gradient(task: Task, cfg: Config, method: Method, seed: int, log: Log) -
              "trace": state["trace"]})
         state["trace"] = []
         state["last_logged"] = state["executed"]
+        if checkpoint is not None:
+            save_checkpoint()
 
     def callback(tuner: OnlineTuner, record: dict[str, Any]) -> None:
         state["executed"] += 1
@@ -175,7 +205,8 @@ def run_gradient(task: Task, cfg: Config, method: Method, seed: int, log: Log) -
         if why:
             raise _Stop(why)
 
-    evaluate_and_log()  # step 0: the initial weights
+    if resume is None:
+        evaluate_and_log()  # step 0: the initial weights
     stopped_by = "steps"
     try:
         tuner.run(steps, callback=callback)
@@ -252,9 +283,17 @@ def record_trial(state: dict[str, Any], ft, base: dict[str, Any], elapsed: float
             "best_trial": state["best_trial"], "test_loss": state["test_loss"],
             "test_acc": state["test_acc"]}
 
-def run_blackbox(task: Task, cfg: Config, method: Method, seed: int, log: Log) -> dict[str, Any]:
-    """One black-box search (Optuna sampler/pruner) under the budget; returns the run_end record."""
+def run_blackbox(task: Task, cfg: Config, method: Method, seed: int, log: Log,
+                 run_dir: str | Path | None = None) -> dict[str, Any]:
+    """One black-box search (Optuna sampler/pruner) under the budget; returns the run_end record.
+
+    With `run_dir` the study is kept in a journal file there, and a run whose run_start is
+    already in the directory's metrics.jsonl (killed before its end) continues its study: the
+    trial the kill cut short runs again with its values, only the trials still owed run, and
+    only trials without a record are recorded.
+    """
     from ..blackbox import search, space_to_distributions, task_objective
+    from ..blackbox.resume import open_study_storage, study_file
 
     steps = resolve_steps(task, cfg)
     space = build_space(task, cfg, method)
@@ -264,15 +303,25 @@ def run_blackbox(task: Task, cfg: Config, method: Method, seed: int, log: Log) -
     budget = cfg.budget
     base = {"method": method.label, "seed": seed}
     dists = space_to_distributions(space, objective.param_shapes)
-    log({**base, "kind": "run_start", "method_kind": method.kind, "pruner": method.pruner,
-         "steps": steps, "settings": settings, "space": _describe(space),
-         "dimensions": {k: {"low": getattr(d, "low", None), "high": getattr(d, "high", None),
-                            "log": getattr(d, "log", None)} for k, d in dists.items()},
-         "time": time.time()})
+    prior = _prior_records(run_dir, base)
+    resuming = any(r.get("kind") == "run_start" for r in prior)
+    if not resuming:
+        log({**base, "kind": "run_start", "method_kind": method.kind, "pruner": method.pruner,
+             "steps": steps, "settings": settings, "space": _describe(space),
+             "dimensions": {k: {"low": getattr(d, "low", None), "high": getattr(d, "high", None),
+                                "log": getattr(d, "log", None)} for k, d in dists.items()},
+             "time": time.time()})
     state: dict[str, Any] = {"inner": 0, "n": 0, "pruned": 0, "best": math.inf, "best_trial": None,
                              "test_loss": None, "test_acc": None, "best_params": None,
-                             "stopped_by": None}
-    t0 = time.perf_counter()
+                             "stopped_by": None, "killed": 0}
+    study_name = f"hyperdescent-seed{seed}"  # as a search in memory names it
+    storage = None if run_dir is None else open_study_storage(
+        study_file(run_dir, cfg.methods.index(method), method.label, seed), resume=resuming)
+    # the time the killed process had spent counts against the wall-clock budget
+    spent = max((float(r.get("elapsed_s") or 0.0) for r in prior), default=0.0)
+    if resuming:
+        _catch_up(storage, study_name, prior, state, base, spent, log)
+    t0 = time.perf_counter() - spent
 
     def over_budget(step_in_trial: int) -> bool:
         return _budget_left(cfg, time.perf_counter() - t0, state["inner"] + step_in_trial) \
@@ -302,25 +351,67 @@ def run_blackbox(task: Task, cfg: Config, method: Method, seed: int, log: Log) -
     kwargs: dict[str, Any] = {}
     if "grid_points" in settings:
         kwargs["grid_points"] = int(settings["grid_points"])
-    study = search(wrapped, space, sampler=method.kind, pruner=method.pruner,
-                   n_trials=budget.trials, timeout=budget.wall_clock_s, seed=seed,
-                   sampler_kwargs=settings.get("sampler_kwargs"),
-                   pruner_kwargs=settings.get("pruner_kwargs"), callbacks=[callback], **kwargs)
+    n_trials = None if budget.trials is None else max(0, budget.trials - state["n"])
+    timeout = None if budget.wall_clock_s is None else budget.wall_clock_s - spent
+    if _budget_left(cfg, spent, state["inner"]) or (timeout is not None and timeout <= 0):
+        n_trials, timeout = 0, None  # spent before the kill: only the run_end is owed
+    search(wrapped, space, sampler=method.kind, pruner=method.pruner, n_trials=n_trials,
+           timeout=timeout, seed=seed, storage=storage, study_name=study_name,
+           sampler_kwargs=settings.get("sampler_kwargs"),
+           pruner_kwargs=settings.get("pruner_kwargs"), callbacks=[callback], **kwargs)
     elapsed = time.perf_counter() - t0
     stopped_by = state["stopped_by"] or _budget_left(cfg, elapsed, state["inner"]) or (
         "trials" if budget.trials is not None and state["n"] >= budget.trials else "exhausted")
     end = {**base, "kind": "run_end", "method_kind": method.kind, "pruner": method.pruner,
            "best_val_loss": state["best"], "test_loss": state["test_loss"],
            "test_acc": state["test_acc"], "best_params": state["best_params"],
-           "best_trial": state["best_trial"], "n_trials": len(study.trials),
+           "best_trial": state["best_trial"], "n_trials": state["n"],
            "n_pruned": state["pruned"], "inner_steps": state["inner"], "elapsed_s": elapsed,
            "stopped_by": stopped_by}
+    if state["killed"]:
+        end["n_killed"] = state["killed"]
     log(end)
     return end
 
 
-def run_method(task: Task, cfg: Config, method: Method, seed: int, log: Log) -> dict[str, Any]:
-    """Run `method` for `seed` on `task` under `cfg.budget`, logging records; returns run_end."""
+def _prior_records(run_dir: str | Path | None, base: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records run (method, seed) `base` already has in `run_dir`'s metrics.jsonl."""
+    if run_dir is None:
+        return []
+    from .rundir import METRICS, read_records
+    return [r for r in read_records(Path(run_dir) / METRICS)
+            if r.get("method") == base["method"] and r.get("seed") == base["seed"]]
+
+
+def _catch_up(storage, study_name: str, prior: list[dict[str, Any]], state: dict[str, Any],
+              base: dict[str, Any], spent: float, log: Log) -> None:
+    """Count the trials a killed run finished into `state` and record those it had no time to
+    record (finished in the study, killed before the record was written); record each trial
+    the kill cut short (failed in the study, queued again) once, as ``trial_killed``."""
+    import optuna
+
+    from ..blackbox.resume import RETRY_OF, fail_killed
+    logged = {r["trial"] for r in prior if r.get("kind") == "trial"}
+    killed = {r["trial"] for r in prior if r.get("kind") == "trial_killed"}
+    for ft in fail_killed(storage, study_name):
+        if ft.state == optuna.trial.TrialState.FAIL:
+            state["killed"] += 1
+            if ft.number not in killed:
+                log({**base, "kind": "trial_killed", "trial": ft.number,
+                     "params": dict(ft.params), "retry_of": ft.user_attrs.get(RETRY_OF),
+                     "inner_steps": state["inner"], "elapsed_s": spent})
+            continue
+        rec = record_trial(state, ft, base, spent)
+        if ft.number not in logged:
+            log(rec)
+
+
+def run_method(task: Task, cfg: Config, method: Method, seed: int, log: Log,
+               checkpoint: RunCheckpoint | None = None,
+               run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run `method` for `seed` on `task` under `cfg.budget`, logging records; returns run_end.
+    `checkpoint` is honoured by the gradient kinds of `resumable` (the others start again).
+    A black-box run keeps its study in `run_dir` and continues it there (run_blackbox)."""
     if method.kind == "fds":
         from .offline_runner import run_offline
         return run_offline(task, cfg, method, seed, log)
@@ -331,5 +422,5 @@ def run_method(task: Task, cfg: Config, method: Method, seed: int, log: Log) -> 
         from .pbt_runner import run_pbt
         return run_pbt(task, cfg, method, seed, log)
     if method.gradient:
-        return run_gradient(task, cfg, method, seed, log)
-    return run_blackbox(task, cfg, method, seed, log)
+        return run_gradient(task, cfg, method, seed, log, checkpoint)
+    return run_blackbox(task, cfg, method, seed, log, run_dir=run_dir)

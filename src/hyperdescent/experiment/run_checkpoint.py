@@ -1,0 +1,80 @@
+"""Checkpoints of a gradient-based compare run (kinds oho, greedy, truncated): a directory with
+the tuner's state record (`OnlineTuner.save`) and the runner's own counters, so a run whose
+process died continues from its last evaluation instead of from step 0.
+
+`run_gradient(..., checkpoint=C)` calls `C.latest()` once at its start (a directory to resume
+from, or None) and `C.save(directory)` after every logged evaluation; the directory passed to
+`save` is removed when the call returns, so `save` must copy (or upload) what it keeps. The Ray
+executor's implementation turns each into a `tune.Checkpoint`; `DirCheckpoint` keeps the last
+one in a local directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..errors import InputTypeError
+
+TUNER_FILE = "tuner.pt"
+RUNNER_FILE = "runner.json"
+
+
+class RunCheckpoint(Protocol):
+    """Where a gradient run resumes from and saves to (see the module docstring)."""
+
+    def latest(self) -> Path | None: ...
+
+    def save(self, directory: Path) -> None: ...
+
+
+def write_runner(directory: Path, state: dict[str, Any]) -> None:
+    """Write the runner's counters (plain JSON values; inf and nan allowed) into `directory`."""
+    (directory / RUNNER_FILE).write_text(json.dumps(state))
+
+
+def read_runner(directory: Path) -> dict[str, Any]:
+    """The runner's counters written by `write_runner`."""
+    return json.loads((directory / RUNNER_FILE).read_text())
+
+
+def is_run_checkpoint(directory: Path) -> bool:
+    """Whether `directory` holds a gradient run's checkpoint (both files)."""
+    return (directory / TUNER_FILE).is_file() and (directory / RUNNER_FILE).is_file()
+
+
+class DirCheckpoint:
+    """A RunCheckpoint kept in one local directory: each save replaces the previous one
+    atomically (a sibling is written in full, then renamed over it)."""
+
+    def __init__(self, path: str | os.PathLike):
+        if not isinstance(path, (str, os.PathLike)):
+            raise InputTypeError(f"checkpoint must be a directory path, got {path!r}")
+        self.path = Path(path)
+
+    def latest(self) -> Path | None:
+        """The saved checkpoint's directory, or None when nothing was saved yet."""
+        for d in (self.path, self.path.with_name(self.path.name + ".old")):
+            # the previous one survives a process that died between the two renames of `save`
+            if is_run_checkpoint(d):
+                return d
+        return None
+
+    def save(self, directory: Path) -> None:
+        """Copy `directory` in, replacing the previous checkpoint."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".ckpt-", dir=self.path.parent))
+        try:
+            for f in Path(directory).iterdir():
+                shutil.copy2(f, tmp / f.name)
+            old = self.path.with_name(self.path.name + ".old")
+            if self.path.exists():
+                os.replace(self.path, old)
+            os.replace(tmp, self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
