@@ -5,7 +5,6 @@ A local Ray with 2 CPUs is started once for the module; skipped when Ray Tune is
 """
 
 import os
-import signal
 
 import pytest
 
@@ -38,21 +37,37 @@ def _by(records, kind, method):
     return [r for r in records if kind in (None, r["kind"]) and r["method"] == method]
 
 
-class KillOnce:
-    """A Tune callback killing the gradient run's worker process after its third record."""
+def dies_once(marker: str, step: int):
+    """A gradient-run trainable whose worker process dies (os._exit) right after the record of
+    `step` has gone to the driver, the first time only (a marker file remembers)."""
+    from hyperdescent.experiment.executors import run_trainable
+
+    def die(rec):
+        if rec.get("kind") == "oho_step" and rec["step"] == step and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
+
+    def trainable(config):
+        run_trainable(config, after_report=die)
+
+    return trainable
+
+
+class Starts:
+    """A Tune callback collecting the inner step each attempt of a trial started from."""
 
     def __new__(cls):
         from ray.tune import Callback
 
-        class Kill(Callback):
-            killed = False
+        class Collect(Callback):
+            def __init__(self):
+                self.seen = set()
 
             def on_trial_result(self, iteration, trials, trial, result, **info):
-                if not self.killed and result.get("n_records") == 3:
-                    self.killed = True
-                    os.kill(result["pid"], signal.SIGKILL)
+                if "resumed_at" in result:
+                    self.seen.add(int(result["resumed_at"]))
 
-        return Kill()
+        return Collect()
 
 
 @pytest.fixture(scope="module")
@@ -65,21 +80,25 @@ def local_records(tmp_path_factory):
 def test_ray_runs_equal_local_runs_through_a_preemption(local_ray, local_records, tmp_path):
     from hyperdescent import tasks
     from hyperdescent.experiment.executors import RayExecutor
-    cfg = validate_config({**BASE, "executor": "ray"})
-    kill = KillOnce()
+    cfg = validate_config({**BASE, "executor": "ray", "ray": {"max_failures": 1}})
+    marker = str(tmp_path / "died")
+    starts = Starts()
     got = []
-    RayExecutor(cfg, [kill]).run(tasks.get(cfg.task), got.append)
-    assert kill.killed
-    # the gradient run, killed after 3 records and resumed: every record once, in order, with
-    # the same validation losses at the same steps
+    RayExecutor(cfg, [starts], trainable=dies_once(marker, 20)).run(tasks.get(cfg.task),
+                                                                   got.append)
+    assert os.path.exists(marker)
+    # the worker died after step 20's record, before step 20's checkpoint: the restarted
+    # attempt resumed from step 10's checkpoint, not from step 0
+    assert starts.seen == {0, 10}
+    # every record once, in order, bit-identical to the local run (the steps the dead attempt
+    # took after its checkpoint are not charged twice)
     want = _by(local_records, None, "OHO")
-    assert [(r["kind"], r.get("step")) for r in _by(got, None, "OHO")] == \
-        [(r["kind"], r.get("step")) for r in want]
-    want_steps = [(r["step"], r["val_loss"]) for r in _by(local_records, "oho_step", "OHO")]
-    got_steps = [(r["step"], r["val_loss"]) for r in _by(got, "oho_step", "OHO")]
-    assert len(want_steps) > 2
-    for (s, v), (s2, v2) in zip(got_steps, want_steps):
-        assert s == s2 and v == pytest.approx(v2, rel=1e-9)
+    strip = ("elapsed_s", "time")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in _by(got, None, "OHO")] == \
+        [{k: v for k, v in r.items() if k not in strip} for r in want]
+    end = _by(got, "run_end", "OHO")[0]
+    assert end["inner_steps"] == 40 and end["final_hparams"] == want[-1]["final_hparams"]
+    assert end["final_val_loss"] == want[-1]["final_val_loss"]
     # black-box: the budget of 4 trials charged exactly, the same seeded proposals and values
     want = {r["trial"]: r for r in _by(local_records, "trial", "random")}
     trials = _by(got, "trial", "random")

@@ -6,10 +6,14 @@ Under Ray, each black-box trial is one Tune trial, proposed by the method's Optu
 (ask/tell in this process) and cut, like a local trial, at its next evaluation once the budget
 is spent or the Optuna pruner says so (with trials in parallel, each may run one evaluation
 interval past the budget, as one local trial may); each gradient-based run (oho, greedy,
-truncated, fds, stn) is one Tune trial, and a `pbt` run drives its own Tuner from here. Every trial reports its records as it goes, with a checkpoint of how many it has
-reported: a trial restarted after its worker died (`max_failures`) reports only the rest, so the
-run directory holds each record once. Records are written here, by the driver, into the same
-run directory as a local run's.
+truncated, fds, stn) is one Tune trial, and a `pbt` run drives its own Tuner from here. Every
+trial reports its records as it goes. An oho/greedy/truncated run also reports a tune.Checkpoint
+of its tuner and counters after every evaluation (run_gradient's checkpoint hook), and a trial
+restarted after its worker died (`max_failures`) resumes from the last one; the other kinds
+checkpoint only how many records they have reported and start again from step 0. Either way
+the driver drops the records a restarted trial sends again (by their count), so the run
+directory holds each record once and inner steps are charged once. Records are written here, by
+the driver, into the same run directory as a local run's.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from typing import Any
 from ..errors import ConfigError
 from ..tasks.base import Task
 from .config import Config, Method
-from .runners import _describe, build_space, record_trial, resolve_steps, run_method
+from .run_checkpoint import is_run_checkpoint, read_runner
+from .runners import _describe, build_space, record_trial, resolve_steps, resumable, run_method
 
 Log = Callable[[dict[str, Any]], None]
 EXECUTORS = ("local", "ray")
@@ -79,28 +84,64 @@ def _jsonable(x: Any) -> Any:
 
 # -- inside a Tune trial -------------------------------------------------------------------------
 class _Reporter:
-    """Sends records to the driver with `tune.report`, each with a checkpoint of the count sent;
-    after a restart it skips the records its earlier attempts sent."""
+    """Sends records to the driver with `tune.report`. A run that cannot resume checkpoints the
+    count sent with every record and, restarted, skips the records its earlier attempts sent;
+    a resumable run (`resumable`) is checkpointed by `_TuneCheckpoint` and, restarted from
+    one, counts on from the records sent before it. Every report says from which inner step
+    this attempt started (`resumed_at`, 0 for a fresh start)."""
 
-    def __init__(self):
+    def __init__(self, resumable: bool = False):
         from ray import tune
         self.tune = tune
+        self.resumable = resumable
         self.sent = 0
         self.n = 0
+        self.resumed_at = 0
         ckpt = tune.get_checkpoint()
         if ckpt is not None:
             with ckpt.as_directory() as d:
                 self.sent = int(json.loads((Path(d) / _PROGRESS).read_text())["records"])
+                if resumable and is_run_checkpoint(Path(d)):
+                    self.n, self.resumed_at = self.sent, int(read_runner(Path(d))["step"])
 
     def __call__(self, rec: dict[str, Any], **metrics: Any) -> None:
         self.n += 1
         if self.n <= self.sent:
             return
+        out = {"record": json.dumps(_jsonable(rec), allow_nan=False), "n_records": self.n,
+               "resumed_at": self.resumed_at, **metrics}
+        if self.resumable:  # the run's own checkpoints carry the count
+            self.tune.report(out)
+            return
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / _PROGRESS).write_text(json.dumps({"records": self.n}))
-            self.tune.report({"record": json.dumps(_jsonable(rec), allow_nan=False),
-                              "n_records": self.n, **metrics},
-                             checkpoint=self.tune.Checkpoint.from_directory(d))
+            self.tune.report(out, checkpoint=self.tune.Checkpoint.from_directory(d))
+
+    def checkpoint(self, directory: Path) -> None:
+        """Report a resumable run's checkpoint directory, with the count of records sent."""
+        (directory / _PROGRESS).write_text(json.dumps({"records": self.n}))
+        self.tune.report({"n_records": self.n, "resumed_at": self.resumed_at},
+                         checkpoint=self.tune.Checkpoint.from_directory(directory))
+
+
+class _TuneCheckpoint:
+    """run_gradient's RunCheckpoint inside a Tune trial: `latest` is tune.get_checkpoint() as
+    a local directory, `save` a tune.report with a tune.Checkpoint of the directory."""
+
+    def __init__(self, reporter: _Reporter, scratch: str):
+        self.reporter, self.scratch = reporter, scratch
+
+    def latest(self) -> Path | None:
+        """The trial's last checkpoint, copied under the scratch directory, or None."""
+        ckpt = self.reporter.tune.get_checkpoint()
+        if ckpt is None:
+            return None
+        d = Path(ckpt.to_directory(str(Path(self.scratch) / "resume")))
+        return d if is_run_checkpoint(d) else None
+
+    def save(self, directory: Path) -> None:
+        """Hand the directory to Tune (copied to the trial's storage before this returns)."""
+        self.reporter.checkpoint(directory)
 
 
 def _context(config: dict[str, Any]) -> tuple[Task, Config, Method, int]:
@@ -113,10 +154,21 @@ def _context(config: dict[str, Any]) -> tuple[Task, Config, Method, int]:
     return tasks.get(cfg.task), cfg, cfg.method(run["label"]), int(run["seed"])
 
 
-def run_trainable(config: dict[str, Any]) -> None:
-    """A Tune function trainable: one whole run of a method for a seed (run_method)."""
+def run_trainable(config: dict[str, Any],
+                  after_report: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """A Tune function trainable: one whole run of a method for a seed (run_method), resumed
+    from the trial's checkpoint where the kind can (runners.resumable); `after_report(record)`
+    runs after each record has gone to the driver (fault injection, progress output)."""
     task, cfg, method, seed = _context(config)
-    run_method(task, cfg, method, seed, _Reporter())
+    reporter = _Reporter(resumable(method))
+    log: Log = reporter
+    if after_report is not None:
+        def log(rec: dict[str, Any]) -> None:
+            reporter(rec)
+            after_report(rec)
+    with tempfile.TemporaryDirectory() as scratch:
+        checkpoint = _TuneCheckpoint(reporter, scratch) if reporter.resumable else None
+        run_method(task, cfg, method, seed, log, checkpoint=checkpoint)
 
 
 class _TuneTrial:
@@ -164,9 +216,11 @@ def trial_trainable(config: dict[str, Any]) -> None:
 class RayExecutor:
     """Runs a config's methods x seeds as Ray Tune trials (see the module docstring)."""
 
-    def __init__(self, cfg: Config, callbacks: Sequence = ()):
+    def __init__(self, cfg: Config, callbacks: Sequence = (),
+                 trainable: Callable[[dict[str, Any]], None] = run_trainable):
         self.cfg = cfg
         self.callbacks = list(callbacks)
+        self.trainable = trainable  # of the whole gradient-based runs (a wrapper in tests)
 
     def _run_config(self, name: str, storage: str, callbacks: Sequence = ()):
         from ray import tune
@@ -192,7 +246,7 @@ class RayExecutor:
         if whole:
             grid = [{"label": m.label, "seed": s} for m, s in whole]
             tuner = tune.Tuner(
-                tune.with_resources(run_trainable, {"cpu": 1}),
+                tune.with_resources(self.trainable, {"cpu": 1}),
                 param_space={"cfg": cfg_dict, "run": tune.grid_search(grid)},
                 tune_config=tune.TuneConfig(max_concurrent_trials=self._max_concurrent()),
                 run_config=self._run_config("runs", storage, [_ForwardRecords(log)]))
