@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
@@ -32,35 +31,97 @@ def _runs(records):
     return [(r["method"], r["seed"]) for r in records if r.get("kind") == "run_end"]
 
 
-def test_a_killed_compare_resumes_without_rerunning_or_duplicating(tmp_path):
+KILLED = textwrap.dedent("""
+    task = "cancer_logreg"
+    steps = 40
+    seeds = [0, 1]
+    [budget]
+    trials = 5
+    [[methods]]
+    label = "oho"
+    kind = "oho"
+    [[methods]]
+    label = "random"
+    kind = "random"
+    settings = {eval_every = 10}
+""")
+# the child SIGKILLs itself inside trial 3 of (random, seed 0), right after its second
+# report: a kill in the middle of a black-box study, with one trial left running in it
+_DIE_IN_TRIAL = """
+import os, signal, sys
+from hyperdescent.blackbox import objective
+from hyperdescent.cli import main
+real = objective.TaskObjective.__call__
+def dying(self, values, trial):
+    if trial.number == 3 and self.seed == 0:
+        report, n = trial.report, []
+        def killing(value, step):
+            report(value, step)
+            n.append(step)
+            if len(n) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        trial.report = killing
+    return real(self, values, trial)
+objective.TaskObjective.__call__ = dying
+sys.exit(main(["compare", sys.argv[1], "--out", sys.argv[2], "--no-progress"]))
+"""
+
+
+def test_a_compare_killed_inside_a_study_continues_that_study(tmp_path):
+    import optuna
+
+    from hyperdescent.blackbox.resume import study_file
     cfg = tmp_path / "cfg.toml"
-    cfg.write_text(CONFIG)
+    cfg.write_text(KILLED)
     out = tmp_path / "run"
-    code = ("import sys; from hyperdescent.cli import main; "
-            f"sys.exit(main(['compare', {str(cfg)!r}, '--out', {str(out)!r}, '--no-progress']))")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and len(_runs(read_records(out / "metrics.jsonl"))) < 1:
-            time.sleep(0.05)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    proc = subprocess.run([sys.executable, "-c", _DIE_IN_TRIAL, str(cfg), str(out)],
+                          capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     before = read_records(out / "metrics.jsonl")
-    finished = _runs(before)
-    assert finished, "no run finished before the kill"
-    if len(finished) == 4:
-        pytest.skip("the whole compare finished before the kill; nothing to resume")
-    kept = [r for r in before if (r["method"], r["seed"]) in set(finished)]
+    assert sorted(_runs(before)) == [("oho", 0), ("oho", 1)]
+    trials = [r for r in before if r.get("kind") == "trial"]
+    assert [r["trial"] for r in trials] == [0, 1, 2]
+    # as if the kill had also fallen between the study's tell and the record's write: the
+    # study holds trial 2 finished, metrics.jsonl lacks its record
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(lines[:-1]))
+    kept = before[:-1]
+
     assert main(["compare", str(cfg), "--resume", str(out), "--no-progress"]) == 0
     after = read_records(out / "metrics.jsonl")
-    assert sorted(_runs(after)) == sorted([(m, s) for m in ("random", "tpe") for s in (0, 1)])
+    assert after[:len(kept)] == kept  # nothing written before the kill is rewritten
+    assert sorted(_runs(after)) == [(m, s) for m in ("oho", "random") for s in (0, 1)]
     starts = [(r["method"], r["seed"]) for r in after if r.get("kind") == "run_start"]
-    assert sorted(starts) == sorted(set(starts))  # one run_start per run: nothing duplicated
-    assert after[:len(kept)] == kept  # the finished runs' records are kept as they were
-    trials = [(r["method"], r["seed"], r["trial"]) for r in after if r.get("kind") == "trial"]
-    assert len(trials) == len(set(trials)) == 4 * 3
+    assert sorted(starts) == sorted(set(starts)) and len(starts) == 4  # no run began again
+    # the finished gradient runs were not rerun: their records are the ones from before
+    assert [r for r in after if r["method"] == "oho"] == [r for r in kept if r["method"] == "oho"]
+
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+        str(study_file(out, 1, "random", 0))))
+    study = optuna.load_study(study_name="hyperdescent-seed0", storage=storage)
+    by_state = {}
+    for t in study.trials:
+        by_state.setdefault(t.state.name, []).append(t)
+    assert len(by_state["COMPLETE"]) + len(by_state.get("PRUNED", [])) == 5
+    (killed,) = by_state["FAIL"]
+    assert killed.number == 3 and "RUNNING" not in by_state
+    rerun = [t for t in study.trials if t.user_attrs.get("retry_of") == 3]
+    assert len(rerun) == 1 and rerun[0].params == killed.params  # run again, same values
+    for r in trials:  # the trials finished before the kill: same numbers, same values
+        t = study.trials[r["trial"]]
+        assert t.params == r["params"] and t.value == r["value"]
+    recs = [r for r in after if r.get("kind") == "trial" and r["method"] == "random"
+            and r["seed"] == 0]
+    numbers = [r["trial"] for r in recs]
+    finished = [t.number for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert sorted(numbers) == finished  # each finished trial recorded exactly once
+    assert [r["trial"] for r in recs][:3] == [0, 1, 2]
+    assert [r["trial"] for r in after if r.get("kind") == "trial_killed"] == [3]
+    end = next(r for r in after if r.get("kind") == "run_end" and r["method"] == "random"
+               and r["seed"] == 0)
+    assert end["n_trials"] == 5 and end["n_killed"] == 1 and end["stopped_by"] == "trials"
+    assert end["inner_steps"] == sum(r["trial_inner_steps"] for r in recs)
+    assert end["best_val_loss"] == min(r["value"] for r in recs if r["value"] is not None)
     assert (out / "summary.json").is_file()
 
 

@@ -134,7 +134,8 @@ def compare(cfg: Config, out: str | Path | None = None, progress: bool = True,
     `threads` sets torch's intra-op threads during the runs (1: fastest for these small models
     and the same for every method; None leaves torch's setting alone). `resume` continues an
     interrupted run directory started with the same config: finished method x seed runs are
-    kept, unfinished ones run again from their start (seeded, so as they would have run).
+    kept, an unfinished black-box run continues its study (kept in the run directory), other
+    unfinished runs run again from their start (seeded, so as they would have run).
     """
     from .. import tasks
     from ..report.markdown import build_report
@@ -159,7 +160,7 @@ def compare(cfg: Config, out: str | Path | None = None, progress: bool = True,
                 rd.log(rec)
                 display.update(rec)
 
-            run_all(task, cfg, log, done=done)
+            run_all(task, cfg, log, done=done, run_dir=rd.path)
     except BaseException as e:  # interrupted or failed: keep what was written, report it, re-raise
         with contextlib.suppress(AttributeError, TypeError):
             e.run_dir = rd.path  # type: ignore[attr-defined]

@@ -38,14 +38,15 @@ _PROGRESS = "progress.json"
 
 
 def run_all(task: Task, cfg: Config, log: Log, callbacks: Sequence = (),
-            done: set[tuple[str, int]] = frozenset()) -> None:
+            done: set[tuple[str, int]] = frozenset(), run_dir: str | Path | None = None) -> None:
     """Every method x seed of `cfg` on its executor, records through `log`; the (label, seed)
-    runs in `done` (finished before an interruption) are not run again."""
+    runs in `done` (finished before an interruption) are not run again; locally, black-box
+    runs keep (and continue) their studies in `run_dir`."""
     if cfg.executor == "local":
         for m in cfg.methods:
             for seed in cfg.seeds:
                 if (m.label, seed) not in done:
-                    run_method(task, cfg, m, seed, log)
+                    run_method(task, cfg, m, seed, log, run_dir=run_dir)
         return
     if done:
         raise ConfigError("resuming a compare run with executor = 'ray' is not supported yet; "

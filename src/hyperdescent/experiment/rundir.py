@@ -56,6 +56,12 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+def _continues(cfg: Config, method) -> bool:
+    """Whether an unfinished run of `method` continues where it stopped (a local black-box
+    run continues its study) rather than starting again."""
+    return cfg.executor == "local" and not method.gradient and method.kind != "pbt"
+
+
 class RunDir:
     """One run's directory: config.toml at the start, metrics.jsonl as it goes, summary.json at the end."""
 
@@ -92,7 +98,8 @@ class RunDir:
         """An interrupted run directory to continue with `cfg` (which must be the config it
         was started with): (the directory, the (method, seed) runs that finished). Records of
         runs that did not finish are dropped (atomically), so that their rerun writes each
-        record exactly once."""
+        record exactly once, except those of local black-box runs, which continue their
+        studies and record only the trials still missing."""
         path = Path(path)
         if not (path / CONFIG).is_file():
             raise ConfigError(f"--resume {str(path)!r} is not a run directory (no {CONFIG})")
@@ -101,7 +108,9 @@ class RunDir:
                               f"it with the config.toml it holds")
         records = read_records(path / METRICS)
         done = {(r["method"], r["seed"]) for r in records if r.get("kind") == "run_end"}
-        keep = [r for r in records if "method" not in r or (r["method"], r.get("seed")) in done]
+        going_on = {m.label for m in cfg.methods if _continues(cfg, m)}
+        keep = [r for r in records if "method" not in r or r["method"] in going_on
+                or (r["method"], r.get("seed")) in done]
         rd = cls(path)
         if is_writer() and len(keep) != len(records):
             tmp = path / f".{METRICS}.tmp"

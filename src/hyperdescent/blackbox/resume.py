@@ -1,0 +1,76 @@
+"""Continuing a black-box study whose process was killed: the study lives in a journal file of
+the run directory; trials the dead process left running are marked failed and queued again
+with the values they had, so that the study ends with as many finished trials as it was asked
+for and every trial that finished before the kill is kept as it was."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from .storage import shared_storage
+
+STUDIES = "studies"
+RETRY_OF = "retry_of"  # user attribute of a queued rerun: the number of the killed trial
+_DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def study_file(run_dir: str | Path, index: int, label: str, seed: int) -> Path:
+    """The journal of method number `index` (labelled `label`) for `seed` in `run_dir`: one
+    file per run, so each keeps the study name (hence Hyperband's brackets) of a run in memory."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "method"
+    return Path(run_dir) / STUDIES / f"{index}-{slug}-seed{seed}.journal"
+
+
+def repair_journal(path: str | Path) -> None:
+    """Make a journal left by a killed process appendable: drop a torn last line (a write cut
+    short, which would corrupt the next one) and the lock file of a lock it died holding."""
+    path = Path(path)
+    if path.is_file():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with path.open("r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+                f.flush()
+                os.fsync(f.fileno())
+    # the caller resumes a run directory whose writer is dead, so nobody else holds the lock
+    Path(f"{path}.lock").unlink(missing_ok=True)
+
+
+def open_study_storage(path: str | Path, resume: bool):
+    """The JournalStorage on `path`: repaired first when resuming, else started afresh (a
+    journal without its run's records is not one to continue)."""
+    path = Path(path)
+    if resume:
+        repair_journal(path)
+    else:
+        path.unlink(missing_ok=True)
+        Path(f"{path}.lock").unlink(missing_ok=True)
+    return shared_storage(path)
+
+
+def fail_killed(storage, study_name: str) -> list[FrozenTrial]:
+    """Mark the trials left RUNNING in `study_name` failed and queue each failed trial once
+    again with its values; returns the finished trials (complete, pruned, failed) by number,
+    or [] when the study does not exist yet."""
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        return []
+    study_id = storage.get_study_id_from_name(study_name)
+    for ft in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, ft.number)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get(RETRY_OF) for t in trials}
+    for ft in trials:
+        # a rerun queued before a second kill is not queued again
+        if ft.state == TrialState.FAIL and ft.number not in retried:
+            study.enqueue_trial(dict(ft.params), user_attrs={RETRY_OF: ft.number},
+                                skip_if_exists=False)
+    return sorted((t for t in study.get_trials(deepcopy=False)
+                   if t.state in (*_DONE, TrialState.FAIL)), key=lambda t: t.number)
