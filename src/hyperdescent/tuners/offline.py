@@ -429,7 +429,10 @@ class OfflineTuner:
             steps = max(1, round(self.steps * len(x) / tuned_rows))
         if not isinstance(steps, int) or steps < 1:
             raise HyperparameterError(f"steps must be an integer >= 1, got {steps!r}")
-        sub = self._inner_problem(self.m, train=(x, y), val=(p.val_data.x, p.val_data.y),
+        # on="train" needs no validation tensors: a streaming val= is passed on as it is
+        val = (p.val_data.x, p.val_data.y) if isinstance(p.val_data, ReplayableBatches) \
+            else p.val_data.iterable
+        sub = self._inner_problem(self.m, train=(x, y), val=val,
                                   init_seed=seed, fresh=seed is not None,
                                   hparams=self.best_hparams if values == "best" else None)
         state = self._train(sub, steps)
