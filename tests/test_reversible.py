@@ -11,7 +11,7 @@ from helpers import data as helpers_data
 
 import hyperdescent as hd
 from hyperdescent.errors import HyperparameterError, NonFiniteError
-from hyperdescent.hypergrad.coder import HEAD_LOW, PRECISION, RansBuffer
+from hyperdescent.hypergrad.coder import HEAD_LOW, RansBuffer
 from hyperdescent.optim import reversible_sgd as rsgd
 
 LR = hd.Real(0.05, low=1e-4, high=1.0, log=True)
@@ -21,87 +21,96 @@ STEPS = 6
 
 # -- the information buffer -------------------------------------------------------------------
 def _random_base(rng, lanes, gen):
-    kind = rng.choice(["int", "tensor", "max", "one", "pow2"])
+    """(k, n): digits pushed below 2^k, popped below n, n at the range limits or in between."""
+    k = rng.choice([0, 1, 7, 16, 16, rng.randint(1, 16)])
+    kind = rng.choice(["int", "tensor", "max", "one"])
     if kind == "int":
-        return rng.randint(1, 1 << 16)
+        return k, rng.randint(1, 1 << k)
     if kind == "max":
-        return PRECISION
+        return k, 1 << k
     if kind == "one":
-        return 1
-    if kind == "pow2":
-        return 1 << rng.randint(0, 24)
-    return torch.randint(1, 1 << 20, (lanes,), generator=gen)
+        return k, 1
+    return k, torch.randint(1, (1 << k) + 1, (lanes,), generator=gen)
 
 
 def _digits(rng, base, lanes, gen):
+    base = torch.as_tensor(base, dtype=torch.int64).expand(lanes)
     if rng.random() < 0.3:  # the range limits: 0 and base - 1
-        edge = base - 1 if rng.random() < 0.5 else base * 0
-        return torch.as_tensor(edge, dtype=torch.int64).expand(lanes).clone()
+        return (base - 1).clone() if rng.random() < 0.5 else torch.zeros(lanes, dtype=torch.int64)
     return (torch.rand(lanes, generator=gen, dtype=torch.float64) * base).long()
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_coder_round_trip_random_orders(seed):
-    """Any interleaving of pushes and pops, undone in reverse order, restores the message;
-    every pop undone returns the digit pushed."""
+    """Any interleaving of exchanges and inverse exchanges, undone in reverse order, restores
+    the message; every step undone returns the digit it took."""
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     lanes = rng.randint(1, 40)
     buf = RansBuffer(lanes, capacity_words=1)  # the tape must grow
     start = buf.snapshot()
     ops = []
-    for _ in range(150):
-        base = _random_base(rng, lanes, gen)
-        if rng.random() < 0.5:
-            d = _digits(rng, base, lanes, gen)
-            buf.push(d, base)
-            ops.append(("push", d, base))
+    for _ in range(300):
+        k, n = _random_base(rng, lanes, gen)
+        if rng.random() < 0.6:
+            r = _digits(rng, 1 << k, lanes, gen)
+            ops.append(("exchange", r, buf.exchange(r, k, n), k, n))
         else:
-            ops.append(("pop", buf.pop(base), base))
-    for kind, d, base in reversed(ops):
-        if kind == "push":
-            assert torch.equal(buf.pop(base), d)
+            s = _digits(rng, n, lanes, gen)
+            ops.append(("unexchange", s, buf.unexchange(s, k, n), k, n))
+        assert bool((buf.head >= HEAD_LOW).all()) and bool((buf.head < 1 << 47).all())
+    assert buf.top > 0
+    for kind, given, got, k, n in reversed(ops):
+        if kind == "exchange":
+            assert torch.equal(buf.unexchange(got, k, n), given)
         else:
-            buf.push(d, base)
+            assert torch.equal(buf.exchange(got, k, n), given)
     assert buf.matches(start)
-    assert bool((buf.head >= HEAD_LOW).all())
 
 
 def test_coder_lifo_many_words_and_size():
-    """Pushes then pops in reverse (LIFO) over many words; the size is the information plus
-    the 64-bit heads, and a word's top bit survives the int32 tape."""
+    """Many exchanges at momentum n/2^16, undone LIFO; the size is the information log2(d/n)
+    per lane-step plus the 64-bit heads and under one word a lane, and the digits are exactly
+    uniform below n."""
     gen = torch.Generator().manual_seed(0)
-    lanes, base, k = 64, 58983, 400
+    lanes, n, k, steps = 64, 58982, 16, 2000
     buf = RansBuffer(lanes)
-    digits = [torch.randint(0, base, (lanes,), generator=gen) for _ in range(k)]
-    for d in digits:
-        buf.push(d, base)
-    assert bool((buf.tape[:buf.top] < 0).any())  # words >= 2^31 wrapped into int32
-    info = lanes * k * math.log2(base)
-    assert info <= buf.bits() <= info * 1.001 + 64 * lanes + 32 * lanes
-    for d in reversed(digits):
-        assert torch.equal(buf.pop(base), d)
+    digits, popped = [], []
+    for _ in range(steps):
+        digits.append(torch.randint(0, 1 << k, (lanes,), generator=gen))
+        popped.append(buf.exchange(digits[-1], k, n))
+    info = lanes * steps * math.log2((1 << k) / n)
+    # the tape's words and the heads' growth above 2^16 hold the information, to a bit a lane
+    held = 31 * buf.top + float(torch.log2(buf.head.double() / HEAD_LOW).sum())
+    assert abs(held - info) <= lanes
+    assert buf.bits() <= info * 32 / 31 + (64 + 32) * lanes
+    assert int(torch.stack(popped).max()) < n and int(torch.stack(popped).min()) >= 0
+    for d, s in zip(reversed(digits), reversed(popped)):
+        assert torch.equal(buf.unexchange(s, k, n), d)
     assert buf.top == 0 and bool((buf.head == HEAD_LOW).all())
 
 
 def test_coder_pop_from_empty_borrows_zero_words():
-    """Pops from an empty buffer read zero words from below the bottom; pushing the digits
-    back leaves only zero words there, the same message as the empty buffer."""
+    """Inverse exchanges on an empty buffer read zero words from below the bottom; exchanging
+    the digits back leaves only zero words there, the same message as the empty buffer."""
     buf = RansBuffer(5)
     start = buf.snapshot()
-    got = [buf.pop(1 << 16) for _ in range(7)]
-    for d in reversed(got):
-        buf.push(d, 1 << 16)
+    got = [buf.unexchange(torch.full((5,), 3, dtype=torch.int64), 16, 7) for _ in range(40)]
+    assert buf.top == 0
+    for r in reversed(got):
+        buf.exchange(r, 16, 7)
     assert buf.matches(start)
 
 
 def test_coder_refuses_bad_digits_and_bases():
     buf = RansBuffer(3)
     with pytest.raises(hd.errors.HyperdescentError, match="digit"):
-        buf.push(torch.tensor([0, 5, 1]), 5)
+        buf.exchange(torch.tensor([0, 5, 1]), 2, 3)
     with pytest.raises(hd.errors.HyperdescentError, match="base"):
-        buf.pop(PRECISION + 1)
+        buf.exchange(torch.zeros(3, dtype=torch.int64), 4, 17)
     with pytest.raises(hd.errors.HyperdescentError, match="base"):
-        buf.push(torch.zeros(3, dtype=torch.int64), 0)
+        buf.unexchange(torch.zeros(3, dtype=torch.int64), 4, 0)
+    with pytest.raises(hd.errors.HyperdescentError, match="digit bits"):
+        buf.exchange(torch.zeros(3, dtype=torch.int64), 17, 3)
 
 
 # -- fixed-point SGD and its inverse ------------------------------------------------------------

@@ -1,15 +1,21 @@
-"""A vectorised rANS information buffer: one coder lane per element, last in, first out.
+"""A vectorised information buffer for bits-back momentum: one coder lane per element, LIFO.
 
-Each lane is a range-ANS coder (Duda 2013, "Asymmetric numeral systems") with an int64 head
-kept in [2^31, 2^63); renormalisation moves 32-bit words between the heads and one shared
-tensor tape. `push(s, base)` encodes a digit s < base, `pop(base)` decodes one, both with the
-near-uniform distribution over [0, base) at 2^24 precision (a power-of-two base: exactly
-uniform, as raw bits), and each is the exact inverse of the other, as bits-back coding
-needs (Townsend, Bird & Barber 2019, "Practical lossless compression with latent variables
-using bits back coding"). Words are written and read in lane order, so the tape is one flat
-stack: a pop may take words another lane pushed, and the mirrored push puts them back.
-Below the bottom of the tape lie zero words: a pop from an empty tape borrows them, so two tapes
-that differ only in zero words at the bottom hold the same message.
+Each lane is an asymmetric-numeral-system coder (Duda 2013, "Asymmetric numeral systems")
+with uniform digits coded exactly (no frequency quantisation): an int64 head y kept in
+[2^16, 2^47), whose overflow goes to one shared int32 tape in 31-bit words. The one operation
+reversible learning needs, multiplying by a momentum n/d with d = 2^k (Maclaurin, Duvenaud &
+Adams 2015, Sec. 2.3), is one fused `exchange`: push the remainder r < d of the division by
+d (y·d + r), then pop a digit s below n (divmod by n), as bits-back coding does (Townsend,
+Bird & Barber 2019, "Practical lossless compression with latent variables using bits back
+coding"). Net, the head grows by log2(d/n) bits, so a lane writes a word once every
+31/log2(d/n) steps instead of moving a word each push and each pop.
+
+Why the interval is exact: a lane emits when y >= n·2^(47-k), so that y·d + r < 2^47·n
+stays in int64 and y·d//n stays below 2^47; an emitted head y >> 31 >= n·2^(16-k) maps to at
+least 2^16. `unexchange` is the exact inverse (refill when the head drops below 2^16), and
+so is `exchange` of `unexchange`: any interleaving undone in reverse order restores the
+message. Below the bottom of the tape lie zero words: a refill from an empty tape borrows
+them, so two tapes that differ only in zero words at the bottom hold the same message.
 """
 
 from __future__ import annotations
@@ -18,62 +24,45 @@ import torch
 
 from ..errors import HyperdescentError
 
-PRECISION_BITS = 24
-PRECISION = 1 << PRECISION_BITS
-HEAD_LOW = 1 << 31  # heads live in [HEAD_LOW, HEAD_LOW << WORD_BITS)
-WORD_BITS = 32
+HEAD_LOW = 1 << 16  # heads live in [HEAD_LOW, HEAD_LOW << WORD_BITS)
+WORD_BITS = 31
 WORD_MASK = (1 << WORD_BITS) - 1
 HEAD_BITS = 64
-# encoding s with frequency f first emits a word when the head is >= f << _EMIT_SHIFT, so that
-# the encoded head stays below 2^63 (HEAD_LOW is a multiple of PRECISION: exact inverses)
-_EMIT_SHIFT = 31 - PRECISION_BITS + WORD_BITS
+HEAD_TOP_BITS = 47
+MAX_DIGIT_BITS = 16
 
 
-def _check_base(base) -> torch.Tensor | int:
-    if isinstance(base, torch.Tensor):
-        if base.dtype != torch.int64:
-            raise HyperdescentError(f"coder base must be an int64 tensor, got {base.dtype}")
-        lo, hi = int(base.min()), int(base.max())
+def _check(k: int, n, lanes: int) -> None:
+    if not isinstance(k, int) or not 0 <= k <= MAX_DIGIT_BITS:
+        raise HyperdescentError(f"coder digit bits k must be an int in [0, {MAX_DIGIT_BITS}], "
+                                f"got {k!r}")
+    if isinstance(n, torch.Tensor):
+        if n.dtype != torch.int64 or n.shape not in ((), (lanes,)):
+            raise HyperdescentError(f"coder base n must be an int64 tensor of shape ({lanes},), "
+                                    f"got {n.dtype} {tuple(n.shape)}")
+        lo, hi = int(n.min()), int(n.max())
     else:
-        lo = hi = int(base)
-    if lo < 1 or hi > PRECISION:
-        raise HyperdescentError(f"coder base must be in [1, 2^{PRECISION_BITS}], got "
-                                f"[{lo}, {hi}]")
-    return base
+        lo = hi = int(n)
+    if lo < 1 or hi > 1 << k:
+        raise HyperdescentError(f"coder base n must be in [1, 2^k = {1 << k}], got [{lo}, {hi}]")
 
 
-def _raw_bits(base) -> int | None:
-    """log2(base) for a power-of-two int base (coded as raw bits, exactly uniform), else None."""
-    if isinstance(base, int) and base & (base - 1) == 0:
-        return base.bit_length() - 1
-    return None
+def _check_digits(x: torch.Tensor, base, lanes: int, what: str) -> None:
+    if x.shape != (lanes,) or x.dtype != torch.int64:
+        raise HyperdescentError(f"{what} needs {lanes} int64 digits, got {tuple(x.shape)} "
+                                f"{x.dtype}")
+    if bool((x < 0).any()) or bool((x >= base).any()):
+        raise HyperdescentError(f"{what}: every digit must satisfy 0 <= digit < base")
 
 
 class RansBuffer:
-    """`lanes` rANS coders with int64 heads and one shared int32 word tape (Duda 2013)."""
+    """`lanes` exact uniform ANS coders with int64 heads and one shared int32 word tape."""
 
     def __init__(self, lanes: int, device=None, capacity_words: int = 1024):
         self.head = torch.full((int(lanes),), HEAD_LOW, dtype=torch.int64, device=device)
         self.tape = torch.empty(max(1, int(capacity_words)), dtype=torch.int32, device=device)
         self.top = 0  # words on the tape
         self.peak_words = 0
-        # (starts, frequencies) of every digit, for int bases
-        self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def _interval(self, sym: torch.Tensor, base) -> tuple[torch.Tensor, torch.Tensor | int]:
-        """(start, frequency) of digit `sym` under the 2^24-quantised uniform law on [0, base):
-        start = floor(sym·2^24 / base); a table lookup for an int base, since int64 division
-        is the coder's slowest operation."""
-        if isinstance(base, int):
-            tables = self._tables.get(base)
-            if tables is None:
-                edges = torch.div(torch.arange(base + 1, dtype=torch.int64,
-                                               device=self.head.device) * PRECISION, base,
-                                  rounding_mode="floor")
-                tables = self._tables[base] = (edges[:-1], edges[1:] - edges[:-1])
-            return tables[0].index_select(0, sym), tables[1].index_select(0, sym)
-        start = torch.div(sym * PRECISION, base, rounding_mode="floor")
-        return start, torch.div((sym + 1) * PRECISION, base, rounding_mode="floor") - start
 
     @property
     def lanes(self) -> int:
@@ -81,8 +70,9 @@ class RansBuffer:
         return self.head.numel()
 
     def bits(self) -> int:
-        """Every bit the buffer holds now: the heads plus the words on the tape."""
-        return HEAD_BITS * self.lanes + WORD_BITS * self.top
+        """Every bit the buffer holds now: the heads plus the words on the tape (stored as
+        32-bit words)."""
+        return HEAD_BITS * self.lanes + 32 * self.top
 
     def nbytes(self) -> int:
         """Bytes the buffer's tensors occupy (the tape's spare capacity included)."""
@@ -110,8 +100,7 @@ class RansBuffer:
                                 device=self.tape.device)
             grown[:self.top] = self.tape[:self.top]
             self.tape = grown
-        # int64 words below 2^32 wrap into int32 two's complement; `_take` masks them back
-        self.tape[self.top:self.top + k] = words.to(torch.int32)
+        self.tape[self.top:self.top + k] = words.to(torch.int32)  # 31-bit words: no wrap
         self.top += k
         self.peak_words = max(self.peak_words, self.top)
 
@@ -124,66 +113,39 @@ class RansBuffer:
         else:
             words = self.tape[self.top - k:self.top]
             self.top -= k
-        return words.to(torch.int64) & WORD_MASK
+        return words.to(torch.int64)
 
     # -- coding --------------------------------------------------------------------------------
-    def push(self, sym: torch.Tensor, base, check: bool = True) -> None:
-        """Encode one digit per lane, 0 <= sym < base (base: int or int64 tensor per lane)."""
+    def exchange(self, r: torch.Tensor, k: int, n, check: bool = True) -> torch.Tensor:
+        """Push one digit r < 2^k per lane, then pop and return one digit below n (an int or
+        an int64 tensor per lane, 1 <= n <= 2^k)."""
         if check:
-            base = _check_base(base)
-            if sym.shape != self.head.shape or sym.dtype != torch.int64:
-                raise HyperdescentError(f"push needs {self.lanes} int64 digits, got "
-                                        f"{tuple(sym.shape)} {sym.dtype}")
-            if bool((sym < 0).any()) or bool((sym >= base).any()):
-                raise HyperdescentError("push: every digit must satisfy 0 <= digit < base")
-        if isinstance(base, torch.Tensor) and base.dim() == 0:
-            base = int(base)
-        x = self.head
-        bits = _raw_bits(base)
-        if bits == 0:
-            return  # base 1: nothing to code
-        if bits is not None:  # a power of two: the digit's bits go below the head's
-            emit = torch.nonzero(x >= 1 << (63 - bits)).squeeze(1)
-            # (the emitting lanes' values wrap here and are overwritten below)
-            head = torch.add(sym, x, alpha=1 << bits)
-            if emit.numel():
-                words = x.index_select(0, emit)
-                self._put(words & WORD_MASK)
-                head.index_copy_(0, emit, torch.add(sym.index_select(0, emit),
-                                                    words >> WORD_BITS, alpha=1 << bits))
-            self.head = head
-            return
-        start, freq = self._interval(sym, base)
-        # x >= freq·2^39, without overflowing at freq = 2^24
-        emit = torch.nonzero((x >> _EMIT_SHIFT) >= freq).squeeze(1)
-        if emit.numel():
-            words = x.index_select(0, emit)
+            _check(k, n, self.lanes)
+            _check_digits(r, 1 << k, self.lanes, "exchange")
+        y = self.head
+        emit = torch.nonzero(y >= n * (1 << (HEAD_TOP_BITS - k))).squeeze(1)
+        if emit.numel():  # rare: a lane emits once every 31/log2(d/n) steps
+            words = y.index_select(0, emit)
             self._put(words & WORD_MASK)
-            x = x.index_copy(0, emit, words >> WORD_BITS)
-        q = torch.div(x, freq, rounding_mode="floor")
-        # q·2^24 + (x mod freq) + start
-        self.head = torch.addcmul(x + start, q, PRECISION - freq)
+            y = y.index_copy(0, emit, words >> WORD_BITS)
+        z = (y << k) | r
+        y = torch.div(z, n, rounding_mode="floor")
+        s = torch.sub(z, y, alpha=n) if isinstance(n, int) else z - y * n
+        self.head = y
+        return s
 
-    def pop(self, base, check: bool = True) -> torch.Tensor:
-        """Decode one digit per lane in [0, base): the inverse of `push`."""
+    def unexchange(self, s: torch.Tensor, k: int, n, check: bool = True) -> torch.Tensor:
+        """The exact inverse of `exchange`: push the digit s < n back, pop and return r < 2^k."""
         if check:
-            base = _check_base(base)
-        if isinstance(base, torch.Tensor) and base.dim() == 0:
-            base = int(base)
-        x = self.head
-        bits = _raw_bits(base)
-        if bits is not None:
-            sym = x & (base - 1)
-            x = x >> bits
-        else:
-            slot = x & (PRECISION - 1)
-            # the largest digit whose interval starts at or below the slot
-            sym = (slot * base + (base - 1)) >> PRECISION_BITS
-            start, freq = self._interval(sym, base)
-            x = torch.addcmul(slot - start, freq, x >> PRECISION_BITS)
-        need = torch.nonzero(x < HEAD_LOW).squeeze(1)
-        if need.numel():  # x is a fresh tensor: refill its low heads in place
+            _check(k, n, self.lanes)
+            _check_digits(s, n, self.lanes, "unexchange")
+        z = torch.add(s, self.head, alpha=n) if isinstance(n, int) else \
+            torch.addcmul(s, self.head, n)
+        r = z & ((1 << k) - 1)
+        y = z >> k
+        need = torch.nonzero(y < HEAD_LOW).squeeze(1)
+        if need.numel():  # y is a fresh tensor: refill its low heads in place
             words = self._take(need.numel())
-            x.index_copy_(0, need, (x.index_select(0, need) << WORD_BITS) | words)
-        self.head = x
-        return sym
+            y.index_copy_(0, need, (y.index_select(0, need) << WORD_BITS) | words)
+        self.head = y
+        return r

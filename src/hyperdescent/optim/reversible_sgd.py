@@ -9,7 +9,7 @@ Weights and velocities are integers times 2^-radix (one radix per tensor). Addin
 gradient term and the lr·v update is exact in integers, and both are recomputed bit for bit
 from exactly recovered state in the reverse pass; only the multiplication by μ = n/d loses
 information, and those bits go to an information buffer (`hypergrad.coder.RansBuffer`):
-the remainder of the division by d is pushed and a digit below n is popped.
+the remainder of the division by d is pushed and a digit below n is popped, in one exchange.
 """
 
 from __future__ import annotations
@@ -193,10 +193,9 @@ def quantize_momentum(mu: torch.Tensor | float, denom: int = MOMENTUM_DENOM):
 
 def mul_momentum(v: torch.Tensor, n, buffer, denom: int = MOMENTUM_DENOM) -> torch.Tensor:
     """v·n/d in integers: push v mod d, divide by d, multiply by n, add a digit popped below n
-    (Maclaurin et al. 2015, Sec. 2.3)."""
+    (Maclaurin et al. 2015, Sec. 2.3), the push and the pop one fused coder exchange."""
     shift = denom.bit_length() - 1  # denom is a power of two: floor division is a shift
-    buffer.push(v & (denom - 1), denom, check=False)
-    digit = buffer.pop(n, check=False)
+    digit = buffer.exchange(v & (denom - 1), shift, n, check=False)
     if isinstance(n, int):
         return torch.add(digit, v >> shift, alpha=n)
     return torch.addcmul(digit, v >> shift, n)
@@ -206,8 +205,8 @@ def div_momentum(v: torch.Tensor, n, buffer, denom: int = MOMENTUM_DENOM) -> tor
     """The exact inverse of `mul_momentum`: push v mod n back, pop the remainder of d."""
     q = torch.div(v, n, rounding_mode="floor")
     rest = torch.add(v, q, alpha=-n) if isinstance(n, int) else torch.addcmul(v, q, n, value=-1)
-    buffer.push(rest, n, check=False)
-    return torch.add(buffer.pop(denom, check=False), q, alpha=denom)
+    return torch.add(buffer.unexchange(rest, denom.bit_length() - 1, n, check=False), q,
+                     alpha=denom)
 
 
 def decayed_gradient(grad: torch.Tensor, theta: torch.Tensor, wd) -> torch.Tensor:
