@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import hyperdescent as hd
+from hyperdescent.errors import InputTypeError
 from hyperdescent.hypergrad.common import CostMeter, sample_memory
 from hyperdescent.optim.names import (
     ALL_HPARAMS,
@@ -65,7 +66,7 @@ def test_the_checkpointer_saves_every_50_steps_by_default_and_at_the_end(tmp_pat
     assert saved == []
     with pytest.raises(hd.HyperdescentError, match="checkpoint_every"):
         Checkpointer(tmp_path / "c.pt", 0, saved.append)
-    with pytest.raises(hd.InputTypeError, match="checkpoint"):
+    with pytest.raises(InputTypeError, match="checkpoint"):
         Checkpointer(3, 1, saved.append)
 
 
