@@ -1,9 +1,10 @@
 """Compare runs through Ray Tune (executor = "ray") against the same runs in this process.
 
-A local Ray with 2 CPUs is started once for the module; skipped when Ray Tune is not installed
+A local Ray with 2 CPUs is started once per test session; skipped when Ray Tune is not installed
 (the `ray` extra, which .ci/run installs).
 """
 
+import json
 import os
 
 import pytest
@@ -25,7 +26,7 @@ BASE = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def local_ray():
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -71,10 +72,16 @@ class Starts:
 
 
 @pytest.fixture(scope="module")
-def local_records(tmp_path_factory):
+def local_records():
+    """The records of the same runs in this process, as a run directory stores them (JSON);
+    run_all without compare's report, which the PBT test covers."""
+    from hyperdescent import tasks
+    from hyperdescent.experiment.executors import run_all
+    from hyperdescent.experiment.rundir import jsonable
     cfg = validate_config(BASE)
-    path = compare(cfg, out=tmp_path_factory.mktemp("local") / "r", progress=False)
-    return read_records(path / "metrics.jsonl")
+    got = []
+    run_all(tasks.get(cfg.task), cfg, got.append)
+    return [json.loads(json.dumps(jsonable(r))) for r in got]
 
 
 def test_ray_runs_equal_local_runs_through_a_preemption(local_ray, local_records, tmp_path):
@@ -129,7 +136,7 @@ def test_ray_config_is_validated():
 def test_pbt_baseline_explores_and_exploits_under_the_inner_step_budget(local_ray, tmp_path):
     cfg = validate_config({
         "name": "pbt", "task": "cancer_logreg", "seeds": [0], "steps": 40,
-        "budget": {"inner_steps": 150},
+        "budget": {"inner_steps": 80},
         "methods": [{"label": "OHO", "kind": "oho", "settings": {"eval_every": 10}},
                     {"label": "PBT", "kind": "pbt",
                      "settings": {"population": 4, "interval": 10}}]})
@@ -137,8 +144,9 @@ def test_pbt_baseline_explores_and_exploits_under_the_inner_step_budget(local_ra
     records = read_records(path / "metrics.jsonl")
     steps = _by(records, "pbt_step", "PBT")
     end = _by(records, "run_end", "PBT")[0]
-    # every member's reports, 10 inner steps each, charged until the budget of 150 is spent
-    assert end["inner_steps"] == 10 * len(steps) and 150 <= end["inner_steps"] <= 150 + 4 * 10
+    # every member's reports, 10 inner steps each, charged until the budget of 80 is spent (two
+    # synchronous rounds of the 4 members: the first explore/exploit comes after the first)
+    assert end["inner_steps"] == 10 * len(steps) and 80 <= end["inner_steps"] <= 80 + 4 * 10
     assert end["stopped_by"] == "inner_steps" and end["n_members"] == 4
     assert sorted({r["member"] for r in steps}) == [0, 1, 2, 3]
     # synchronous PBT: the worst quarter copies a better member and moves its values
