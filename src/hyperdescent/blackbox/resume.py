@@ -5,18 +5,53 @@ for and every trial that finished before the kill is kept as it was."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import optuna
+from optuna.storages.journal import BaseJournalBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
-
-from .storage import shared_storage
 
 STUDIES = "studies"
 RETRY_OF = "retry_of"  # user attribute of a queued rerun: the number of the killed trial
 _DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+_SET_STATE = 6  # optuna.storages.journal's operation code for a trial's state and values
+
+
+class RunJournal(BaseJournalBackend):
+    """An Optuna journal in a file that one process writes (a run directory's study): its
+    logs are kept in memory too, so no operation takes a file lock or re-reads the file as a
+    journal shared between processes must; every append is flushed (a killed process loses
+    none) and, once a trial finishes, fsync'ed, before its record goes to metrics.jsonl."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._logs: list[dict[str, Any]] = []
+        if self.path.is_file():
+            for line in self.path.read_bytes().splitlines(keepends=True):
+                if not line.endswith(b"\n"):
+                    break  # torn by a kill mid-write: never complete
+                self._logs.append(json.loads(line))
+
+    def read_logs(self, log_number_from: int) -> Iterable[dict[str, Any]]:
+        """The logs from number `log_number_from` on."""
+        return self._logs[log_number_from:]
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        """Append `logs` to the file and to memory (as read back from the file would be)."""
+        lines = [json.dumps(log, separators=(",", ":")) for log in logs]
+        finished = any(log.get("op_code") == _SET_STATE and TrialState(log["state"]).is_finished()
+                       for log in logs)
+        with self.path.open("ab") as f:
+            f.write("".join(line + "\n" for line in lines).encode("utf-8"))
+            f.flush()
+            if finished:
+                os.fsync(f.fileno())
+        self._logs.extend(json.loads(line) for line in lines)
 
 
 def study_file(run_dir: str | Path, index: int, label: str, seed: int) -> Path:
@@ -28,7 +63,8 @@ def study_file(run_dir: str | Path, index: int, label: str, seed: int) -> Path:
 
 def repair_journal(path: str | Path) -> None:
     """Make a journal left by a killed process appendable: drop a torn last line (a write cut
-    short, which would corrupt the next one) and the lock file of a lock it died holding."""
+    short, which would corrupt the next one) and the lock file of a lock it died holding
+    (a journal that Optuna's JournalFileBackend wrote)."""
     path = Path(path)
     if path.is_file():
         data = path.read_bytes()
@@ -41,16 +77,16 @@ def repair_journal(path: str | Path) -> None:
     Path(f"{path}.lock").unlink(missing_ok=True)
 
 
-def open_study_storage(path: str | Path, resume: bool):
-    """The JournalStorage on `path`: repaired first when resuming, else started afresh (a
-    journal without its run's records is not one to continue)."""
+def open_study_storage(path: str | Path, resume: bool) -> JournalStorage:
+    """The JournalStorage on `path` (a RunJournal): repaired first when resuming, else
+    started afresh (a journal without its run's records is not one to continue)."""
     path = Path(path)
     if resume:
         repair_journal(path)
     else:
         path.unlink(missing_ok=True)
-        Path(f"{path}.lock").unlink(missing_ok=True)
-    return shared_storage(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(RunJournal(path))
 
 
 def fail_killed(storage, study_name: str) -> list[FrozenTrial]:
