@@ -3,7 +3,8 @@
 Each rank takes half of every training and validation batch; the online tuner's hyperparameter
 trajectory and final weights, and the forward (also with batched rows), reverse, truncated and
 reversible hypergradients, must equal a single process on the same global batches to 1e-6
-relative, and so must OfflineTuner(method="fds").
+relative, and so must OfflineTuner(method="fds") and the STNTrainer's hyperparameter trajectory,
+perturbation scales and final weights.
 """
 
 import os
@@ -39,6 +40,24 @@ def _problem(distributed: bool, batch_size: int = 12, optimizer=None) -> hd.Prob
                       val_batch_size=24, distributed=distributed)
 
 
+def _stn(distributed: bool) -> hd.stn.STNTrainer:
+    """A self-tuning MLP with tuned dropout and input noise (perturbations, masks and noise all
+    drawn per example), each rank starting from different weights until rank 0's are broadcast."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(72, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (72,), generator=g)
+    torch.manual_seed(1 + (dp.rank() if distributed else 0))
+    space = hd.Space({"dropout0": hd.Real(0.3, low=0.0, high=0.9),
+                      "noise": hd.Real(0.3, low=0.0, high=1.5)})
+    seq = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Dropout(0.3),
+                              torch.nn.Linear(10, 3)).double()
+    model = hd.stn.from_sequential(seq, space, dropout=["dropout0"], centred=False).double()
+    return hd.stn.STNTrainer(model, space, (x[:48], y[:48]), (x[48:], y[48:]), batch_size=12,
+                             val_batch_size=12, lr=0.1, hyper_lr=0.05, train_steps=2,
+                             augment=hd.stn.Augmentation(noise="noise"),
+                             distributed=distributed)
+
+
 def _results(distributed: bool) -> dict:
     """Everything the test compares, from one process or from one rank."""
     out = {}
@@ -63,6 +82,13 @@ def _results(distributed: bool) -> dict:
     adam = hd.hypergrad(_problem(distributed, optimizer=hd.optim.Adam()), steps=6,
                         method="reverse", hparams={"lr": 0.01})
     out["reverse_adam_grad"] = torch.stack([adam.grad["lr"], adam.grad["weight_decay"]])
+    stn = _stn(distributed).run(STEPS)
+    out["stn_hparams"] = torch.tensor([[r["hparams"]["dropout0"], r["hparams"]["noise"]]
+                                       for r in stn.history], dtype=torch.float64)
+    out["stn_scale"] = torch.tensor(list(stn.scale.values()), dtype=torch.float64)
+    out["stn_train_loss"] = torch.tensor([r["train_loss"] for r in stn.history],
+                                         dtype=torch.float64)
+    out["stn_weights"] = torch.cat([p.detach().reshape(-1) for p in stn.model.parameters()])
     return out
 
 
@@ -92,7 +118,8 @@ def single():
 @pytest.mark.parametrize("key", ["online_hparams", "online_train_loss", "online_weights",
                                  "forward_grad", "forward_value", "reverse_grad",
                                  "reverse_value", "truncated_grad", "reverse_adam_grad",
-                                 "reversible_grad", "fds_hparams", "forward_batched_grad"])
+                                 "reversible_grad", "fds_hparams", "forward_batched_grad",
+                                 "stn_hparams", "stn_scale", "stn_train_loss", "stn_weights"])
 def test_two_ranks_equal_one_process_on_the_whole_batch(ranks, single, key):
     want = single[key]
     assert want.abs().max() > 0
@@ -101,9 +128,10 @@ def test_two_ranks_equal_one_process_on_the_whole_batch(ranks, single, key):
 
 
 def test_the_trajectory_moved(single):
-    # the comparison above means something only if the tuner changed its hyperparameters
-    hp = single["online_hparams"]
-    assert (hp[-1] - hp[0]).abs().max() > 1e-4
+    # the comparison above means something only if the tuners changed their hyperparameters
+    for key in ("online_hparams", "stn_hparams"):
+        hp = single[key]
+        assert (hp[-1] - hp[0]).abs().max() > 1e-4
 
 
 def test_ranks_take_disjoint_halves_of_each_batch(monkeypatch):

@@ -35,12 +35,16 @@ class HyperContext:
 
     `hnet` is (B, n_hparams) (or (n_hparams,), shared by the batch); `values` maps each
     hyperparameter name to its (B,) natural values, or is None when regularisation is off (the
-    validation step, evaluation); `generator` draws the dropout masks.
+    validation step, evaluation); `generator` draws the dropout masks. Under data parallelism
+    `rows` = (start, stop, total) says which rows of a global batch of `total` examples this
+    process holds: every mask is drawn for the whole batch and sliced, so the generator stays in
+    step with one process on the whole batch and every example gets the same mask as there.
     """
 
     hnet: torch.Tensor
     values: Mapping[str, torch.Tensor] | None = None
     generator: torch.Generator | None = None
+    rows: tuple[int, int, int] | None = None
 
     def rate(self, name: str) -> torch.Tensor | None:
         """The (B,) values of hyperparameter `name`, or None when regularisation is off."""
@@ -182,20 +186,26 @@ class HyperEmbedding(_HyperMixin):
 
 
 def dropout(x: torch.Tensor, p: torch.Tensor | float | None,
-            generator: torch.Generator | None = None, shape: Sequence[int] | None = None
-            ) -> torch.Tensor:
+            generator: torch.Generator | None = None, shape: Sequence[int] | None = None,
+            rows: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Inverted dropout with a rate per example (Srivastava et al. 2014); p=None is the identity.
 
     `p` is a float or a (B,) tensor; `shape` (default x.shape) is the mask's shape, e.g. (B, 1, H)
     for a mask shared over time (variational dropout, Gal & Ghahramani 2016). The rate gets no
-    gradient through the mask: an STN learns its effect through the hypernetwork.
+    gradient through the mask: an STN learns its effect through the hypernetwork. With `rows`
+    (see HyperContext) the mask is drawn for the whole global batch and rows start:stop kept.
     """
     if p is None:
         return x
     p = torch.as_tensor(p, dtype=x.dtype, device=x.device).detach()
     shape = tuple(x.shape) if shape is None else tuple(shape)
     keep = 1.0 - p.reshape(-1, *([1] * (len(shape) - 1))) if p.dim() else 1.0 - p
-    u = torch.rand(shape, generator=generator, dtype=x.dtype, device=x.device)
+    if rows is None:
+        u = torch.rand(shape, generator=generator, dtype=x.dtype, device=x.device)
+    else:
+        start, stop, total = rows
+        u = torch.rand((total, *shape[1:]), generator=generator, dtype=x.dtype,
+                       device=x.device)[start:stop]
     return x * ((u < keep).to(x.dtype) / keep)
 
 
@@ -208,7 +218,7 @@ class HyperDropout(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: HyperContext) -> torch.Tensor:
         """x with units dropped at each example's rate; the identity when regularisation is off."""
-        return dropout(x, ctx.rate(self.name), ctx.generator)
+        return dropout(x, ctx.rate(self.name), ctx.generator, rows=ctx.rows)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
@@ -253,7 +263,8 @@ class HyperLSTM(nn.Module):
         B, T, _ = x.shape
         H = self.hidden_size
         if self.input_dropout is not None:
-            x = dropout(x, ctx.rate(self.input_dropout), ctx.generator, (B, 1, x.shape[-1]))
+            x = dropout(x, ctx.rate(self.input_dropout), ctx.generator, (B, 1, x.shape[-1]),
+                        ctx.rows)
         if state is None:
             h = x.new_zeros(B, H)
             c = x.new_zeros(B, H)
@@ -262,7 +273,7 @@ class HyperLSTM(nn.Module):
         hid_p = ctx.rate(self.hidden_dropout) if self.hidden_dropout is not None else None
         hid_mask = None
         if hid_p is not None:
-            hid_mask = dropout(x.new_ones(B, H), hid_p, ctx.generator)
+            hid_mask = dropout(x.new_ones(B, H), hid_p, ctx.generator, rows=ctx.rows)
         gx = self.ih(x, ctx.hnet)  # all time steps at once: the input map has no recurrence
         outs = []
         for t in range(T):

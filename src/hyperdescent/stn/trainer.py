@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import distributed as dp
 from ..data import ReplayableBatches, as_tensor_pair, seed_for
 from ..errors import DataError, HyperparameterError
 from ..space import Real, Space
@@ -85,6 +86,14 @@ class STNTrainer:
     the shared MetaOptimizer (`hyper_optimizer`, `hyper_lr`). Batches, perturbations, masks and
     augmentations are pure functions of (seed, step), so a run restored from `save` and run to the
     same total ends bit-identical.
+
+    `distributed=True` (under torchrun, or in an initialized process group) trains data
+    parallel as `hd.Problem(distributed=True)` does: every rank starts from rank 0's weights,
+    takes its 1/world share of every training and validation batch (perturbations,
+    augmentations and dropout masks are drawn for the whole batch and sliced, so each example
+    gets what it gets in one process), and the weight and hyperparameter gradients are averaged
+    over the ranks: every rank holds the same weights, λ and σ, equal to one process on the
+    whole batch up to rounding. Batch norm's batch statistics stay per rank.
     """
 
     def __init__(self, model: nn.Module, space: Space, train, val, test=None, *,
@@ -98,7 +107,7 @@ class STNTrainer:
                  regularizers: Mapping[str, Callable[[nn.Module], torch.Tensor]] | None = None,
                  clip: float | None = None, grad_clip: float | None = None,
                  guard: Mapping[str, Any] | bool = True,
-                 seed: int = 0):
+                 seed: int = 0, distributed: bool = False):
         for name, v, low in (("warmup_steps", warmup_steps, 0), ("train_steps", train_steps, 1),
                              ("val_steps", val_steps, 0), ("batch_size", batch_size, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
@@ -153,6 +162,10 @@ class STNTrainer:
                                         _STREAM_TRAIN)
         self._val = ReplayableBatches(*self._data["val"], val_batch_size or batch_size,
                                       self.seed, _STREAM_VAL)
+        self.distributed = dp.setup(model) if distributed else False
+        if self.distributed:
+            dp.check_shardable(self._train.batch_size, "train", batch_size)
+            dp.check_shardable(self._val.batch_size, "val", val_batch_size or batch_size)
         self.weight_opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
         lam = torch.stack([space[n].to_raw(torch.tensor(space[n].init, dtype=self.dtype))
                            for n in self.names]).to(self.device)
@@ -208,6 +221,20 @@ class STNTrainer:
     def _hnet(self, raw_tilde: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         return raw_tilde - lam.detach() if self.centred else raw_tilde
 
+    def _rows(self, n: int) -> tuple[int, int, int] | None:
+        """This rank's (start, stop, total) of a global batch of n, or None in one process."""
+        if not self.distributed or dp.world_size() == 1:
+            return None
+        dp.check_shardable(n, "training or validation")
+        k = n // dp.world_size()
+        return dp.rank() * k, (dp.rank() + 1) * k, n
+
+    def _reduce_weight_grads(self) -> None:
+        """Average the weights' gradients over the ranks (the gradient of the global batch)."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        for p, g in zip(params, dp.mean_all_reduce([p.grad for p in params])):
+            p.grad.copy_(g)
+
     # -- steps -----------------------------------------------------------------------------
     def train_step(self) -> float:
         """One weight step on training batch t at perturbed, regularised hyperparameters."""
@@ -217,15 +244,25 @@ class STNTrainer:
         with torch.no_grad():
             raw_tilde = self._perturbed(raw["lambda"], raw["scale"], x.shape[0], g)
             values = self._natural(raw_tilde)
-        ctx = HyperContext(self._hnet(raw_tilde, raw["lambda"]), values, g)
         self.model.train()
         if self.augment is not None:
+            # on the whole batch under data parallelism too: its draws follow the batch's
             x = self.augment(x, values, g)
+        rows = self._rows(x.shape[0])
+        if rows is not None:
+            sl = slice(rows[0], rows[1])
+            x, y, raw_tilde = x[sl], y[sl], raw_tilde[sl]
+            values = {n: v[sl] for n, v in values.items()}
+        ctx = HyperContext(self._hnet(raw_tilde, raw["lambda"]), values, g, rows)
         loss = self.loss(self.model(x, ctx), y)
         for name, penalty in self.regularizers.items():
+            # the mean over ranks of each shard's mean is the batch's: the gradient is exact
             loss = loss + values[name].mean() * penalty(self.model)
         self.weight_opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.distributed:
+            self._reduce_weight_grads()
+            loss = dp.mean_value(loss.detach())
         if self.config["grad_clip"] is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.config["grad_clip"])
         self.weight_opt.step()
@@ -237,13 +274,20 @@ class STNTrainer:
         g = self._generator(_RNG_VAL, self.hyper_t)
         lam, scale = self.meta.raw["lambda"], self.meta.raw["scale"]
         raw_tilde = self._perturbed(lam, scale, x.shape[0], g)
-        ctx = HyperContext(self._hnet(raw_tilde, lam), None, g)
+        rows = self._rows(x.shape[0])
+        if rows is not None:
+            x, y, raw_tilde = x[rows[0]:rows[1]], y[rows[0]:rows[1]], raw_tilde[rows[0]:rows[1]]
+        ctx = HyperContext(self._hnet(raw_tilde, lam), None, g, rows)
         self.model.eval()
         val_loss = self.loss(self.model(x, ctx), y)
         entropy = torch.log(F.softplus(scale)).sum()
         objective = val_loss - self.config["tau"] * entropy
         g_lam, g_scale = torch.autograd.grad(objective, [lam, scale], allow_unused=True)
         grads = {"lambda": _or_zero(g_lam, lam), "scale": _or_zero(g_scale, scale)}
+        if self.distributed:  # the entropy term is the same on every rank: its mean is itself
+            grads["lambda"], grads["scale"] = dp.mean_all_reduce([grads["lambda"],
+                                                                  grads["scale"]])
+            val_loss = dp.mean_value(val_loss.detach())
         if not self.config["tune_scale"]:
             grads["scale"] = torch.zeros_like(scale)
         info = self.meta.step(grads)
