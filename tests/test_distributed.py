@@ -170,3 +170,33 @@ def test_only_rank_zero_writes(monkeypatch, tmp_path):
     run.log({"kind": "x"})
     run.close()
     assert run.records() == [{"kind": "x"}]
+
+
+def test_backend_is_nccl_for_cuda_models_and_gloo_otherwise(monkeypatch):
+    # no GPU needed: the choice is made from the device of the model's first parameter
+    assert dp.default_backend("cpu") == "gloo"
+    assert dp.default_backend(torch.device("cuda", 1)) == "nccl"
+    assert dp.default_backend("cuda") == "nccl"
+    assert dp.default_backend("meta") == "gloo"
+    chosen = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: chosen.append(backend))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    for v, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"),
+                     ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(v, value)
+
+    class OnDevice(torch.nn.Module):  # parameters that say they live on `device`
+        def __init__(self, device):
+            super().__init__()
+            self.device = device
+
+        def parameters(self, recurse=True):
+            return iter([type("P", (), {"device": torch.device(self.device)})()])
+
+    for device, want in (("cuda:0", "nccl"), ("cpu", "gloo")):
+        chosen.clear()
+        assert dp.setup(OnDevice(device)) is True
+        assert chosen == [want]
+    chosen.clear()
+    dp.init("cuda", backend="gloo")  # an explicit backend wins
+    assert chosen == ["gloo"]
