@@ -1,33 +1,33 @@
 """Reversible learning: exact reverse-mode hypergradients without storing the trajectory.
 
 Maclaurin, Duvenaud & Adams 2015, "Gradient-based hyperparameter optimization through
-reversible learning", Algorithm 2. The forward pass runs SGD with momentum in int64 fixed
-point (`optim.reversible_sgd`), keeping the bits the momentum destroys in an rANS buffer
-(`coder`). The reverse pass walks the run backwards: it un-steps the weights, recomputes the
-gradient at the exactly recovered weights (same batch, same device, same threads: the same
-bits as forward), un-steps the velocity, and backpropagates the adjoints (dθ, dv) through
-the step with one vector-Jacobian product, whose dθ part is the Hessian-vector product of
-Algorithm 2 and whose dλ part collects every hyperparameter's gradient (learning rates,
-momenta and weight decays, global, per layer, per element or scheduled, and regularizer
-hyperparameters). At the end the initial weights, velocities and buffer are compared with
-the ones the run started from, bit for bit.
+reversible learning", Algorithm 2, as an engine (`hypergrad.engine`) that `run` drives. Its
+step runs SGD with momentum in int64 fixed point (`optim.reversible_sgd.ReversibleSGD`),
+keeping the bits the momentum destroys in an ANS buffer (`coder`) in the carry. Its readout
+walks the run backwards: it un-steps the weights, recomputes the gradient at the exactly
+recovered weights (same batch, same device, same threads: the same bits as forward), un-steps
+the velocity, and backpropagates the adjoints (dθ, dv) through the step by hand, with one
+vector-Jacobian product of the gradient (Algorithm 2's Hessian-vector product, and the
+regularizer hyperparameters' part) and of the hyperparameter lanes (learning rates, momenta
+and weight decays, global, per layer, per element or scheduled). At the end the initial
+weights, velocities and buffer are compared with the ones the run started from, bit for bit.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
 
 import torch
 
 from ..errors import HyperparameterError
 from ..optim import SGD
 from ..optim import reversible_sgd as rsgd
-from ..problem import Problem
+from ..problem import InnerState, Problem
 from ..space import flatten, unflatten
 from .coder import RansBuffer
 from .common import CostMeter, HypergradResult, finish, sample_memory
+from .engine import run
 
 _HP = ("lr", "weight_decay", "momentum")
 
@@ -80,8 +80,13 @@ class _Lanes:
         lr = self.layout.lanes(self._per_name(hp, "lr"), self.dtype, self.device)
         wd = self.layout.lanes(self._per_name(hp, "weight_decay"), self.dtype, self.device)
         mu = self.layout.lanes(self._per_name(hp, "momentum"), torch.float64, self.device)
-        n = torch.round(mu * self.denom).to(torch.int64)
-        return lr, wd, mu, int(n) if n.dim() == 0 else n  # an int takes the coder's fast path
+        return lr, wd, mu, self.numerators(mu)
+
+    def numerators(self, mu: torch.Tensor):
+        """n of μ = n/denom per element (an int when global: the coder's fast path)."""
+        if mu.dim() == 0:
+            return round(float(mu) * self.denom)
+        return torch.round(mu.to(torch.float64) * self.denom).to(torch.int64)
 
     def differentiable(self, hp: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(lr, weight decay, momentum) per element, in the graph of the leaves in `hp`."""
@@ -89,142 +94,205 @@ class _Lanes:
                                        graph=True) for k in _HP)
 
 
-def _detached(hp) -> dict:
-    return {k: ({p: x.detach() for p, x in v.items()} if isinstance(v, dict)
-                else v.detach() if isinstance(v, torch.Tensor) else v) for k, v in hp.items()}
-
-
 def _flat_grad(problem: Problem, layout: rsgd.Layout, theta: torch.Tensor, batch, hp,
-               create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(θ as a leaf, ∇_θ L as one flat vector): the model sees views of the one leaf, so the
-    gradient is one vector and the step on it a few graph nodes, not a few per tensor."""
+               create_graph: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(θ as a leaf, training loss, ∇_θ L as one flat vector): the model sees views of the one
+    leaf, so the gradient is one vector and the step on it a few graph nodes."""
     leaf = theta.detach().requires_grad_(True)
     with torch.enable_grad():
         loss, _ = problem.train_loss(layout.split(leaf), problem.buffers0, batch, hp)
         (grad,) = problem.grad(loss, [leaf], create_graph=create_graph)
     if grad is None:
         raise HyperparameterError("the training loss does not depend on the weights")
-    return leaf, grad
+    return leaf, loss.detach(), grad
 
 
-@dataclass
-class Run:
-    """A reversible run after its forward pass: fixed-point state s_T and the buffer."""
-
-    problem: Problem
-    steps: int
-    values: dict
-    layout: rsgd.Layout
-    lanes: _Lanes
-    fx: rsgd.FixedPoint
-    theta: torch.Tensor
-    v: torch.Tensor
-    buffer: RansBuffer
-    theta_start: torch.Tensor
-    buffer_start: tuple
-    buffer_bits: int = 0
+def _lane_cotangent(lane: torch.Tensor, adjoint: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """d<adjoint, lane ⊙ x>/d lane, in the lane's shape (a 0-d lane: a dot product)."""
+    return torch.dot(adjoint, x) if lane.dim() == 0 else adjoint * x
 
 
-def forward_pass(problem: Problem, steps: int, values: dict, fixed_mu: float,
-                 headroom_bits: int, denom: int) -> Run:
-    """T exact fixed-point SGD-momentum steps (Maclaurin et al. 2015, Algorithm 1)."""
-    opt, T = problem.optimizer, int(steps)
-    layout = rsgd.Layout.of(problem.params0)
-    lanes = _Lanes(opt, layout, fixed_mu, problem.dtype, problem.device, denom)
-    theta0 = layout.flat(problem.params0).detach()
-    fx = rsgd.FixedPoint.for_weights(layout, theta0, headroom_bits)
-    theta = rsgd.to_fixed(theta0, fx.theta_scale, layout, "initial weights")
-    v = torch.zeros_like(theta)
-    expect_bits = math.log2(1.0 / fixed_mu) if fixed_mu > 0 else 1.0
-    buffer = RansBuffer(layout.numel, problem.device,
-                        capacity_words=int(layout.numel * T * (expect_bits + 0.01) / 32) + 1024)
-    run = Run(problem, T, values, layout, lanes, fx, theta, v, buffer, theta.clone(),
-              buffer.snapshot())
-    values_d = _detached(values)
-    for t in range(T):
-        hp = problem.hp_at(values_d, t, T)
-        lr, wd, mu, n = lanes(hp)
-        theta_f = rsgd.to_float(theta, fx.theta_inv)
-        _, g = _flat_grad(problem, layout, theta_f, problem.train_batch(t), hp)
-        direction = rsgd.decayed_gradient(g, theta_f, wd)
-        if t == 0:
-            fx.set_velocity_range(direction, mu, headroom_bits)
-        theta, v = rsgd.step(theta, v, direction, lr, n, fx, buffer, t, denom)
+class ReversibleEngine:
+    """Reversible learning (Maclaurin, Duvenaud & Adams 2015) on the engine seam.
+
+    `step` is one exact fixed-point SGD-momentum step (Algorithm 1, `ReversibleSGD`) that
+    pushes the bits the momentum destroys to the information buffer in the carry; `readout`
+    is Algorithm 2: it walks the steps back, recomputes each gradient at the exactly recovered
+    weights, and backpropagates the adjoints (dθ, dv) through the step by hand, with one
+    autograd call a step for the Hessian-vector product H·ā, the hyperparameter lanes and
+    the regularizer's hyperparameters; at the end it compares the state it reached with the
+    one the carry started from, bit for bit (`stats["reversal_exact"]`).
+
+    The carry holds the fixed-point weights and velocities, their float value, the buffer
+    object (its tape is a stack written in place: copying it each step would cost O(T^2)),
+    the step count and the start; `reset` makes the current state the new start.
+    """
+
+    def __init__(self, problem: Problem, horizon: int, values: dict, *,
+                 headroom_bits: int = 10, denom: int = rsgd.MOMENTUM_DENOM,
+                 initial_grad: bool = False, inputs_grad: bool = False):
+        opt = _check_optimizer(problem)
+        self.problem, self.horizon, self.like = problem, int(horizon), values
+        self.initial_grad, self.inputs_grad = initial_grad, inputs_grad
+        self.layout = rsgd.Layout.of(problem.params0)
+        fixed_mu = 0.0 if "momentum" in values else \
+            float(rsgd.quantize_momentum(float(opt.fixed["momentum"]), denom)[1])
+        self.lanes = _Lanes(opt, self.layout, fixed_mu, problem.dtype, problem.device, denom)
+        self.sgd = rsgd.ReversibleSGD.for_weights(
+            self.layout, self.layout.flat(problem.params0).detach(), headroom_bits, denom)
+        expect = math.log2(1.0 / fixed_mu) if fixed_mu > 0 else 1.0
+        self._capacity = int(self.layout.numel * self.horizon * (expect + 0.01) / 31) + 1024
+        self._scheduled = [k for k in values if problem.bound.space[k].schedule is not None]
+        self._cache = None
+        self.hvps = 0
+        self.stats: dict = {}
+
+    def init(self) -> dict:
+        """s_0 in fixed point, an empty buffer, and the start to reverse to."""
+        theta, v = self.sgd.start(self.layout.flat(self.problem.params0).detach())
+        buffer = RansBuffer(self.layout.numel, self.problem.device, self._capacity)
+        return self._started({"theta": theta, "v": v, "theta_f": self.sgd.weights(theta),
+                              "buffer": buffer, "t": 0, "leaves": []})
+
+    @staticmethod
+    def _started(carry: dict) -> dict:
+        return {**carry, "t0": carry["t"], "leaves": [],
+                "start": (carry["theta"].clone(), carry["v"].clone(), carry["buffer"].snapshot())}
+
+    def reset(self, carry: dict) -> dict:
+        """Forget the steps so far: the reversal stops at the current state."""
+        return self._started(carry)
+
+    def _hp_and_lanes(self, leaves: dict, t: int) -> tuple[dict, tuple]:
+        """The values step t uses and their lanes, rebuilt only when the leaves or a
+        schedule's block change."""
+        blocks = tuple(self.problem.bound.space[k].schedule.block(t, self.horizon)
+                       for k in self._scheduled)
+        cached = self._cache
+        if cached is None or cached[0] is not leaves or cached[1] != blocks:
+            hp = self.problem.hp_at(unflatten(leaves, self.like), t, self.horizon)
+            cached = self._cache = (leaves, blocks, hp, self.lanes(hp))
+        return cached[2], cached[3]
+
+    def step(self, carry: dict, state: InnerState, batch, leaves: dict[str, torch.Tensor],
+             t: int) -> tuple[InnerState, dict, torch.Tensor]:
+        """One exact fixed-point step at the hyperparameters `leaves` (batch=None: the
+        problem's training batch t)."""
+        problem = self.problem
+        if batch is None:
+            batch = problem.train_batch(t)
+        hp, (lr, wd, mu, n) = self._hp_and_lanes(leaves, t)
+        theta_f = carry["theta_f"]
+        _, loss, g = _flat_grad(problem, self.layout, theta_f, batch, hp)
+        theta, v = self.sgd.step(carry["theta"], carry["v"], rsgd.decayed_gradient(g, theta_f, wd),
+                                 lr, n, mu, carry["buffer"], t)
         if t % 64 == 0:
             sample_memory()
-    run.theta, run.v, run.buffer_bits = theta, v, buffer.bits()
-    sample_memory()
-    return run
+        seen = carry["leaves"]
+        if not seen or seen[-1][1] is not leaves:
+            seen = seen + [(t, leaves)]  # the values step t on uses, for the reversal
+        theta_f = self.sgd.weights(theta)
+        new = {**carry, "theta": theta, "v": v, "theta_f": theta_f, "t": carry["t"] + 1,
+               "leaves": seen}
+        return (InnerState(self.layout.split(theta_f), {"step": state.t + 1}, state.buffers,
+                           state.t + 1), new, loss)
 
-
-def reverse_pass(run: Run, initial_grad: bool = False, inputs_grad: bool = False
-                 ) -> tuple[float, dict[str, torch.Tensor], bool, dict]:
-    """(E(θ_T), dE/dλ per flat leaf, whether s_0 and the buffer came back bit for bit, extra
-    gradients): Algorithm 2 of Maclaurin et al. 2015, the adjoints backpropagated through each
-    step by one vector-Jacobian product. initial_grad adds dE/dθ_0 (Sec. 3.3's initial-weight
-    scales); inputs_grad adds dE/dX of the training inputs (Sec. 3.4's learned training set)."""
-    problem, T, layout, fx, lanes = run.problem, run.steps, run.layout, run.fx, run.lanes
-    theta, v, buffer = run.theta, run.v, run.buffer
-    theta_leaf = rsgd.to_float(theta, fx.theta_inv).requires_grad_(True)
-    value, dtheta, _ = problem.val_grad(layout.split(theta_leaf), problem.buffers0,
-                                        problem.val_batch(T))
-    dtheta = layout.flat(dtheta)
-    dv = torch.zeros_like(dtheta)
-    lam = {k: x.detach().clone().requires_grad_(True) for k, x in flatten(run.values).items()}
-    lam_list = list(lam.values())
-    values_g = unflatten(lam, run.values)
-    grads = [torch.zeros_like(x) for x in lam_list]
-    data = problem.train_data
-    dx = torch.zeros_like(data.x) if inputs_grad else None
-    for t in range(T - 1, -1, -1):
-        hp_g = problem.hp_at(values_g, t, T)
-        lr, wd, _, n = lanes(_detached(hp_g))
-        theta = rsgd.unstep_position(theta, v, lr, fx, t)
-        batch = problem.train_batch(t)
-        if inputs_grad:
-            batch = (batch[0].detach().requires_grad_(True), batch[1])
-        theta_f, g = _flat_grad(problem, layout, rsgd.to_float(theta, fx.theta_inv),
-                                batch, hp_g, create_graph=True)
-        # the forward pass took this gradient without a graph: the values are the same bits
-        direction = rsgd.decayed_gradient(g.detach(), theta_f.detach(), wd)
-        v = rsgd.unstep_velocity(v, direction, n, fx, buffer, t, lanes.denom)
-        lr_g, wd_g, mu_g = lanes.differentiable(hp_g)
-        with torch.enable_grad():
-            new_v = g + wd_g * theta_f
-            # v_0 = 0 and the adjoint of s_0 is not asked for: step 0 needs no Hessian product
-            vel = rsgd.to_float(v, fx.v_inv).requires_grad_(True) if t > 0 else None
-            if vel is not None:
-                new_v = new_v + mu_g * vel
-            new_theta = theta_f - lr_g * new_v
-        wrt = [theta_f, vel] if vel is not None else [theta_f] if initial_grad else []
-        extra = [batch[0]] if inputs_grad else []
-        got = problem.vjp([new_theta, new_v], wrt + extra + lam_list, [dtheta, dv])
-        if t == T - 1 or t % 64 == 0:
-            sample_memory()
-        if wrt:
-            dtheta = got[0] if got[0] is not None else torch.zeros_like(dtheta)
-        if vel is not None:
-            dv = got[1] if got[1] is not None else torch.zeros_like(dv)
-        if inputs_grad and got[len(wrt)] is not None:
-            if data.full:
-                dx += got[len(wrt)]
-            else:
-                dx.index_add_(0, data.indices(t), got[len(wrt)])
-        for j, gj in enumerate(got[len(wrt) + len(extra):]):
-            if gj is not None:
-                grads[j] = grads[j] + gj
-    run.theta, run.v = theta, v
-    exact = bool(torch.equal(theta, run.theta_start) and not bool(v.any())
-                 and buffer.matches(run.buffer_start))
-    extras = {}
-    if initial_grad:
-        extras["initial_weights_grad"] = {k: x.clone() for k, x in layout.split(dtheta).items()}
-        # d/ds of E with the layer's initial weights scaled by s, at s = 1
-        extras["init_scale_grad"] = {k: float((x * problem.params0[k]).sum())
-                                     for k, x in extras["initial_weights_grad"].items()}
-    if inputs_grad:
-        extras["train_inputs_grad"] = dx
-    return float(value), dict(zip(lam, grads)), exact, extras
+    def readout(self, carry: dict, state: InnerState, val_batch
+                ) -> tuple[float, dict[str, torch.Tensor]]:
+        """E(θ_t) and dE/dλ by Algorithm 2's reverse pass back to the carry's start."""
+        problem, layout, sgd, lanes = self.problem, self.layout, self.sgd, self.lanes
+        theta, v, buffer = carry["theta"], carry["v"], carry["buffer"]
+        value, dtheta, _ = problem.val_grad(layout.split(carry["theta_f"]), problem.buffers0,
+                                            val_batch)
+        dtheta = layout.flat(dtheta)
+        dv = torch.zeros_like(dtheta)
+        segments = carry["leaves"] or [(carry["t0"], {k: x for k, x in
+                                                      flatten(self.like).items()})]
+        lams = [{k: x.detach().clone().requires_grad_(True) for k, x in lv.items()}
+                for _, lv in segments]
+        grads = {k: torch.zeros_like(x) for k, x in lams[-1].items()}
+        data = problem.train_data
+        dx = torch.zeros_like(data.x) if self.inputs_grad else None
+        t0, seg = carry["t0"], len(segments) - 1
+        pending, pending_cots = [], []
+        for t in range(carry["t"] - 1, t0 - 1, -1):
+            while seg > 0 and segments[seg][0] > t:
+                seg -= 1
+            lam = lams[seg]
+            hp_g = problem.hp_at(unflatten(lam, self.like), t, self.horizon)
+            lr_g, wd_g, mu_g = lanes.differentiable(hp_g)
+            lr, wd, mu = lr_g.detach(), wd_g.detach(), mu_g.detach()
+            n = lanes.numerators(mu)
+            v_next = sgd.velocity(v)
+            theta = sgd.unstep_position(theta, v, lr, t)
+            batch = problem.train_batch(t)
+            if self.inputs_grad:
+                batch = (batch[0].detach().requires_grad_(True), batch[1])
+            leaf, _, g = _flat_grad(problem, layout, sgd.weights(theta), batch, hp_g,
+                                    create_graph=True)
+            theta_f = leaf.detach()
+            # the forward pass took this gradient without a graph: the values are the same bits
+            v = sgd.unstep_velocity(v, rsgd.decayed_gradient(g.detach(), theta_f, wd), n,
+                                    buffer, t)
+            # θ' = θ - lr·v', v' = μ·v + g(θ) + wd·θ: with ā = dv - lr·dθ the adjoint of v',
+            # dθ ← dθ + H·ā + wd·ā, dv ← μ·ā, dlr = -dθ·v', dμ = ā·v, dwd = ā·θ
+            a = dv - lr * dtheta
+            last = t == t0
+            want_theta = not last or self.initial_grad
+            outputs, cots = [g], [a]
+            for lane, x, adj in ((lr_g, v_next, -dtheta), (wd_g, theta_f, a),
+                                 (mu_g, None, a)):
+                if lane.requires_grad:
+                    if x is None:  # v_t (zero at a fresh start: no product to take)
+                        if last and not bool(v.any()):
+                            continue
+                        x = sgd.velocity(v)
+                    # a global lane's graph is a few scalar nodes: backpropagated in batches
+                    out, cot = (pending, pending_cots) if lane.dim() == 0 else (outputs, cots)
+                    out.append(lane)
+                    cot.append(_lane_cotangent(lane, adj, x))
+            inputs = ([leaf] if want_theta else []) + ([batch[0]] if self.inputs_grad else [])
+            lam_list = list(lam.values())
+            got = problem.vjp(outputs, inputs + lam_list, cots)
+            if pending and (last or len(pending) >= 96 or segments[seg][0] == t):
+                for k, gk in zip(lam, problem.vjp(pending, lam_list, pending_cots)):
+                    if gk is not None:
+                        grads[k] = grads[k] + gk
+                pending, pending_cots = [], []
+            if want_theta:
+                self.hvps += 1
+                hv = got[0] if got[0] is not None else torch.zeros_like(dtheta)
+                dtheta = dtheta + hv + wd * a
+                dv = mu * a
+            if self.inputs_grad and got[len(inputs) - 1] is not None:
+                if data.full:
+                    dx += got[len(inputs) - 1]
+                else:
+                    dx.index_add_(0, data.indices(t), got[len(inputs) - 1])
+            for k, gk in zip(lam, got[len(inputs):]):
+                if gk is not None:
+                    grads[k] = grads[k] + gk
+            if t == carry["t"] - 1 or t % 64 == 0:
+                sample_memory()
+        theta0, v0, snap = carry["start"]
+        exact = bool(torch.equal(theta, theta0) and torch.equal(v, v0) and buffer.matches(snap))
+        P, T = layout.numel, carry["t"] - t0
+        self.stats = {
+            "reversal_exact": exact, "buffer_bits": carry.get("buffer_bits", buffer.bits()),
+            "buffer_peak_mb": (64 * P + 32 * buffer.peak_words) / 8 / 2 ** 20,
+            "theta_radix": sgd.fx.theta_radix, "velocity_radix": sgd.fx.v_radix}
+        self.stats["buffer_bits_per_param_step"] = self.stats["buffer_bits"] / (P * max(T, 1))
+        if self.initial_grad:
+            w = {k: x.clone() for k, x in layout.split(dtheta).items()}
+            self.stats["initial_weights_grad"] = w
+            # d/ds of E with the layer's initial weights scaled by s, at s = 1
+            self.stats["init_scale_grad"] = {k: float((x * problem.params0[k]).sum())
+                                             for k, x in w.items()}
+        if self.inputs_grad:
+            self.stats["train_inputs_grad"] = dx
+        carry.update(theta=theta, v=v)
+        return float(value), grads
 
 
 def prepare(problem: Problem, values: dict | None, momentum_denom: int, headroom_bits: int
@@ -248,24 +316,20 @@ def reversible(problem: Problem, steps: int, values: dict | None = None, *,
     initial_grad / inputs_grad add dE/dθ_0 (and per-layer initial-scale gradients) and
     dE/dX_train to the stats."""
     values, mu_used = prepare(problem, values, momentum_denom, headroom_bits)
-    fixed_mu = mu_used if isinstance(mu_used, float) else 0.0
+    if inputs_grad and getattr(problem.train_data, "x", None) is None:
+        raise HyperparameterError("inputs_grad=True needs the training set as tensors")
+    engine = ReversibleEngine(problem, steps, values, headroom_bits=headroom_bits,
+                              denom=momentum_denom, initial_grad=initial_grad,
+                              inputs_grad=inputs_grad)
     with CostMeter(problem.device) as meter:
-        run = forward_pass(problem, steps, values, fixed_mu, headroom_bits, momentum_denom)
-        if inputs_grad and getattr(problem.train_data, "x", None) is None:
-            raise HyperparameterError("inputs_grad=True needs the training set as tensors")
-        value, grads, exact, extras = reverse_pass(run, initial_grad, inputs_grad)
-        meter.hvps = int(steps) if initial_grad else max(0, int(steps) - 1)
-    P, T = run.layout.numel, int(steps)
-    if not exact:
+        value, grads = run(engine, problem, int(steps), values, meter)
+        meter.hvps = engine.hvps
+    if not engine.stats["reversal_exact"]:
         # a gradient recomputed with different bits (another thread count, a kernel that
         # rounds differently with create_graph) sends the reversal off the forward trajectory
         warnings.warn("method='reversible' did not recover the initial weights bit for bit; "
                       "the hypergradient was taken along another trajectory and is unreliable",
                       RuntimeWarning, stacklevel=2)
-    stats = meter.stats(
-        method="reversible", steps=T, reversal_exact=exact, buffer_bits=run.buffer_bits,
-        buffer_bits_per_param_step=run.buffer_bits / (P * T),
-        buffer_peak_mb=(64 * P + 32 * run.buffer.peak_words) / 8 / 2 ** 20,
-        momentum_used=mu_used, momentum_denom=momentum_denom, theta_radix=run.fx.theta_radix,
-        velocity_radix=run.fx.v_radix, **extras)
+    stats = meter.stats(method="reversible", steps=int(steps), momentum_used=mu_used,
+                        momentum_denom=momentum_denom, **engine.stats)
     return finish(problem, values, value, grads, stats)

@@ -244,3 +244,52 @@ def unstep_velocity(v: torch.Tensor, direction: torch.Tensor, n, fx: FixedPoint,
     """v_t = (v_{t+1} - (g(θ_t) + wd·θ_t)) / μ, exactly, with the bits from the buffer."""
     v = v - to_fixed(direction, fx.v_scale, fx.layout, "gradient", t)
     return div_momentum(v, n, buffer, denom)
+
+
+@dataclass
+class ReversibleSGD:
+    """SGD with momentum in int64 fixed point with an exact inverse step (Maclaurin, Duvenaud &
+    Adams 2015, Algorithms 1-2): `step` loses bits only to `buffer`, `unstep_position` and
+    `unstep_velocity` take them back, with the gradient recomputed between the two."""
+
+    fx: FixedPoint
+    denom: int = MOMENTUM_DENOM
+    headroom_bits: int = 10
+
+    @classmethod
+    def for_weights(cls, layout: Layout, theta0: torch.Tensor, headroom_bits: int = 10,
+                    denom: int = MOMENTUM_DENOM) -> ReversibleSGD:
+        """The optimizer for float weights theta0 (flat, in `layout` order)."""
+        return cls(FixedPoint.for_weights(layout, theta0, headroom_bits), denom, headroom_bits)
+
+    def start(self, theta0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(θ_0, v_0 = 0) in fixed point."""
+        theta = to_fixed(theta0, self.fx.theta_scale, self.fx.layout, "initial weights")
+        return theta, torch.zeros_like(theta)
+
+    def weights(self, theta: torch.Tensor) -> torch.Tensor:
+        """The float weights a fixed-point θ stands for (what the gradient is taken at)."""
+        return to_float(theta, self.fx.theta_inv)
+
+    def velocity(self, v: torch.Tensor) -> torch.Tensor:
+        """The float velocity a fixed-point v stands for."""
+        return to_float(v, self.fx.v_inv)
+
+    def step(self, theta: torch.Tensor, v: torch.Tensor, direction: torch.Tensor,
+             lr: torch.Tensor, n, mu: torch.Tensor, buffer, t: int = 0
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(θ_{t+1}, v_{t+1}) from direction = g(θ_t) + wd·θ_t; the first call sets the
+        velocities' radix from the first direction and the momentum mu."""
+        if self.fx.v_scale is None:
+            self.fx.set_velocity_range(direction, mu, self.headroom_bits)
+        return step(theta, v, direction, lr, n, self.fx, buffer, t, self.denom)
+
+    def unstep_position(self, theta: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
+                        t: int = 0) -> torch.Tensor:
+        """θ_t from θ_{t+1} and v_{t+1}, exactly."""
+        return unstep_position(theta, v, lr, self.fx, t)
+
+    def unstep_velocity(self, v: torch.Tensor, direction: torch.Tensor, n, buffer, t: int = 0
+                        ) -> torch.Tensor:
+        """v_t from v_{t+1} and direction = g(θ_t) + wd·θ_t, exactly."""
+        return unstep_velocity(v, direction, n, self.fx, buffer, t, self.denom)
