@@ -8,6 +8,7 @@ exact tangent, `summed`, `uoro`; `truncated` (window 10). The irreducible cost o
 tangent is one gradient with a graph plus one Hessian-vector product per column.
 
     python benchmarks/oho_cnn.py                 # CNN, batch 64 (ResNet-18 with --resnet)
+    python benchmarks/oho_cnn.py --models resnet18 --batch 16 --reps 3 --slow-reps 1
     python benchmarks/oho_cnn.py --quick
 
 Results: benchmarks/results/oho_cnn.{json,md}.
@@ -63,6 +64,9 @@ def resnet18() -> nn.Module:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10))
 
 
+MODELS = {"cnn": cnn, "resnet18": resnet18}
+
+
 def _problem(hd, make, batch: int, per_layer: bool):
     torch.manual_seed(0)
     x, y = torch.randn(batch * 4, 3, 32, 32), torch.randint(0, 10, (batch * 4,))
@@ -75,8 +79,9 @@ def _problem(hd, make, batch: int, per_layer: bool):
                       val=(x[:batch], y[:batch]), batch_size=batch, val_batch_size=batch, seed=0)
 
 
-def _time(fn, reps: int) -> float:
-    fn()  # warm-up
+def _time(fn, reps: int, warm: bool = True) -> float:
+    if warm:
+        fn()
     out = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -143,36 +148,55 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="batch 16, CNN only, 2 repetitions")
     ap.add_argument("--resnet", action="store_true", help="also ResNet-18 (slow on CPU)")
+    ap.add_argument("--models", nargs="+", choices=sorted(MODELS),
+                    help="models to run (default: cnn, and resnet18 with --resnet); rows of "
+                         "other models already in the results file are kept")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--slow-reps", type=int, default=None,
+                    help="repetitions for the per-layer exact tangent and its irreducible cost "
+                         "(default: --reps); its first step is the warm-up")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
     import hyperdescent as hd
 
     torch.set_num_threads(1)
     batch, reps = (16, 2) if args.quick else (args.batch, args.reps)
-    models = {"cnn": cnn, **({"resnet18": resnet18} if args.resnet else {})}
-    rows = []
-    for name, make in models.items():
+    slow_reps = args.slow_reps or reps
+    names = args.models or (["cnn"] + (["resnet18"] if args.resnet else []))
+    out = Path(args.out)
+    old = out / "oho_cnn.json"
+    kept = json.loads(old.read_text()) if old.exists() else {"meta": {}, "rows": []}
+    rows = [r for r in kept["rows"] if r["model"] not in names]
+    meta = kept.get("meta", {})
+    if "batch" in meta:  # a file of one model, written before results were kept per model
+        meta = {"cnn": {"slow_reps": meta["reps"], **meta}}
+    meta = {k: v for k, v in meta.items() if k not in names}
+    for name in names:
+        make = MODELS[name]
         base = _time(plain_step(make, batch), reps)
         layered = _problem(hd, make, batch, True)
         cols = len(list(make().parameters()))
         variants = _variants(hd, make, batch, layered, cols)
-        if name == "resnet18" and not args.quick:
-            # the exact per-layer tangent on ResNet-18 (62 columns) takes minutes a step on CPU
-            variants.pop(f"per-layer lr exact ({cols} columns)")
+        slow = {f"per-layer lr exact ({cols} columns)",
+                f"irreducible exact: gradient with graph + {cols} HVPs"}
         for label, build in variants.items():
-            sec = _time(build(), reps)
+            n = slow_reps if label in slow else reps
+            sec = _time(build(), n, warm=not (label in slow and slow_reps < reps))
             rows.append({"model": name, "variant": label, "seconds": sec, "ratio": sec / base,
-                         "plain_step_s": base})
-            print(f"{name:9s} {label:50s} {sec * 1e3:9.1f} ms  {sec / base:6.2f}x plain")
-    out = Path(args.out)
+                         "plain_step_s": base, "reps": n})
+            print(f"{name:9s} {label:50s} {sec * 1e3:9.1f} ms  {sec / base:6.2f}x plain",
+                  flush=True)
+        meta[name] = {"batch": batch, "reps": reps, "slow_reps": slow_reps, "threads": 1,
+                      "device": "cpu", "command": "python benchmarks/oho_cnn.py "
+                      + " ".join(sys.argv[1:] if argv is None else argv)}
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"batch": batch, "reps": reps, "threads": 1, "device": "cpu",
-            "command": "python benchmarks/oho_cnn.py " + " ".join(argv or sys.argv[1:])}
-    (out / "oho_cnn.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    lines = [f"# OHO on convolutional nets (CPU, batch {batch}, 1 thread, median of {reps})", "",
-             "| model | variant | ms / step | × plain step |", "|---|---|---|---|"]
+    old.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    lines = ["# OHO on convolutional nets (CPU, 1 thread, median of the repetitions)", ""]
+    lines += [f"- {m}: batch {v['batch']}, {v['reps']} repetitions ({v['slow_reps']} for the "
+              f"per-layer exact tangent and its irreducible cost): `{v['command']}`"
+              for m, v in meta.items() if isinstance(v, dict)]
+    lines += ["", "| model | variant | ms / step | × plain step |", "|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['variant']} | {r['seconds'] * 1e3:.1f} | {r['ratio']:.2f} |"
               for r in rows]
     (out / "oho_cnn.md").write_text("\n".join(lines) + "\n")

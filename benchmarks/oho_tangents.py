@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -35,6 +36,12 @@ VARIANTS = {
     "summed": {"tangent": "summed"},
     "uoro (k=1)": {"tangent": "uoro"},
     "uoro (k=4)": {"tangent": "uoro", "uoro_samples": 4},
+    # a larger meta-step for the centred estimate: Adam divides by its noisy second moment,
+    # so at 0.03 its learning rates climbed from the poor start 4x slower than exact's
+    "uoro centred (k=1, meta_lr 0.1)": {"tangent": "uoro", "uoro_centred": True,
+                                        "meta_lr": 0.1},
+    "uoro centred (k=4, meta_lr 0.1)": {"tangent": "uoro", "uoro_centred": True,
+                                        "uoro_samples": 4, "meta_lr": 0.1},
     "truncated (window 10)": {"method": "truncated", "window": 10},
 }
 
@@ -50,12 +57,18 @@ def make_problem(task, seed: int) -> hd.Problem:
                       batch_size=task.batch_size, val_batch_size=256, seed=seed)
 
 
-def variance(task, steps: int, samples=(1, 4, 16)) -> list[dict]:
-    """uoro vs exact hypergradients along one trajectory at fixed hyperparameters."""
+ESTIMATES = {f"{'centred ' if centred else ''}k={k}": {"samples": k, "centred": centred}
+             for centred in (False, True) for k in (1, 4, 16)}
+
+
+def variance(task, steps: int) -> list[dict]:
+    """uoro vs exact hypergradients along one trajectory at fixed hyperparameters, compared in
+    the raw (log) coordinates the meta-optimizer steps."""
     p = make_problem(task, 0)
     leaves = {k: v.detach() for k, v in hd.space.flatten(p.real_hparams()).items()}
+    dnat = hd.space.flatten(p.bound.dnatural_draw(p.bound.to_raw(p.real_hparams())))
     exact = ForwardTangent(p, steps)
-    uoro = {k: UOROTangent(p, steps, samples=k, seed=1) for k in samples}
+    uoro = {k: UOROTangent(p, steps, seed=1, **kw) for k, kw in ESTIMATES.items()}
     state, carry = p.init_state(), exact.init()
     carries = {k: e.init() for k, e in uoro.items()}
     out = []
@@ -68,14 +81,15 @@ def variance(task, steps: int, samples=(1, 4, 16)) -> list[dict]:
         if (t + 1) % 10 == 0:
             vb = p.val_batch(t + 1)
             _, g = exact.readout(carry, state, vb)
-            ref = torch.cat([v.reshape(-1) for v in g.values()])
+            ref = torch.cat([(v * dnat[n]).reshape(-1) for n, v in g.items()])
             for k, e in uoro.items():
                 _, ge = e.readout(carries[k], state, vb)
-                est = torch.cat([v.reshape(-1) for v in ge.values()])
+                est = torch.cat([(v * dnat[n]).reshape(-1) for n, v in ge.items()])
                 out.append({"task": task.name, "step": t + 1, "samples": k,
                             "cosine": float(torch.nn.functional.cosine_similarity(
                                 est, ref, dim=0)),
-                            "rel_error": float((est - ref).norm() / ref.norm())})
+                            "rel_error": float((est - ref).norm() / ref.norm()),
+                            "sign_agreement": float((est.sign() == ref.sign()).double().mean())})
     return out
 
 
@@ -95,16 +109,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", nargs="+", default=["digits_mlp", "mnist1d_mlp"])
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--variance-steps", type=int, default=100)
+    ap.add_argument("--variance-steps", type=int, default=100, help="0: skip that experiment")
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    ap.add_argument("--seed-list", type=int, nargs="+", help="these seeds instead of --seeds")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="run nothing: write the tables of these results files together")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     var, runs = [], []
-    for name in args.tasks:
+    if args.merge:
+        for f in args.merge:
+            d = json.loads(Path(f).read_text())
+            var += d["variance"]
+            runs += d["runs"]
+        args.tasks = list(dict.fromkeys(r["task"] for r in runs + var))
+        args.steps = d["args"]["steps"]
+        args.variants = [v for v in VARIANTS if any(r["variant"] == v for r in runs)]
+    for name in [] if args.merge else args.tasks:
         task = hd.tasks.get(name)
-        var += variance(task, args.variance_steps)
-        for variant in VARIANTS:
-            for seed in range(args.seeds):
+        if args.variance_steps:
+            var += variance(task, args.variance_steps)
+        for variant in args.variants:
+            for seed in args.seed_list or range(args.seeds):
                 runs.append(quality(task, variant, seed, args.steps))
                 r = runs[-1]
                 print(f"{name:12s} {variant:22s} seed {seed}: val {r['val_loss']:.4f} test "
@@ -112,21 +139,35 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["# Tangents for many hyperparameters (per-layer lr and weight decay, lr 100x too "
              "small at the start)", "",
              "## uoro against the exact tangent on one trajectory (fixed hyperparameters)", "",
-             "| task | samples | median cosine | median relative error |", "|---|---|---|---|"]
+             "Every 10 steps, in raw (log) coordinates; centred: each name's mean over its "
+             "layers carried exactly, UORO for the deviations from it.", "",
+             "| task | estimate | median cosine | median relative error | sign agreement |",
+             "|---|---|---|---|---|"]
     for name in args.tasks:
-        for k in sorted({v["samples"] for v in var}):
+        for k in dict.fromkeys(v["samples"] for v in var):
             sel = [v for v in var if v["task"] == name and v["samples"] == k]
-            lines.append(f"| {name} | {k} | {statistics.median(v['cosine'] for v in sel):.3f} | "
-                         f"{statistics.median(v['rel_error'] for v in sel):.3f} |")
-    lines += ["", f"## OnlineTuner runs ({args.steps} steps, {args.seeds} seeds: medians)", "",
-              "| task | tangent | val loss | test loss | seconds |", "|---|---|---|---|---|"]
+            if sel:
+                lines.append(
+                    f"| {name} | {k} | {statistics.median(v['cosine'] for v in sel):.3f} | "
+                    f"{statistics.median(v['rel_error'] for v in sel):.3f} | "
+                    f"{statistics.mean(v.get('sign_agreement', math.nan) for v in sel):.3f} |")
+    lines += ["", f"## OnlineTuner runs ({args.steps} steps, medians over seeds; val loss also "
+                  "as a ratio to exact's median)", "",
+              "| task | tangent | seeds | val loss | / exact | test loss | seconds | / exact |",
+              "|---|---|---|---|---|---|---|---|"]
     for name in args.tasks:
-        for variant in VARIANTS:
+        ref = None
+        for variant in args.variants:
             sel = [r for r in runs if r["task"] == name and r["variant"] == variant]
+            if not sel:
+                continue
             med = {k: statistics.median(r[k] for r in sel)
                    for k in ("val_loss", "test_loss", "seconds")}
-            lines.append(f"| {name} | {variant} | {med['val_loss']:.4f} | {med['test_loss']:.4f} "
-                         f"| {med['seconds']:.1f} |")
+            ref = ref or (med if variant == "exact" else None)
+            rv, rs = (med["val_loss"] / ref["val_loss"], med["seconds"] / ref["seconds"]) \
+                if ref else (math.nan, math.nan)
+            lines.append(f"| {name} | {variant} | {len(sel)} | {med['val_loss']:.4f} | {rv:.2f} "
+                         f"| {med['test_loss']:.4f} | {med['seconds']:.1f} | {rs:.2f} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "oho_tangents.json").write_text(json.dumps(

@@ -16,24 +16,24 @@ def _space(per="global"):
                      "momentum": hd.Real(0.8, low=0.0, high=0.99)})
 
 
-def _per_sample_estimates(p, samples, seed=0):
+def _per_sample_estimates(p, samples, seed=0, **kw):
     """Each UORO sample's own hypergradient estimate (samples, scalar hyperparameters)."""
-    engine = UOROTangent(p, STEPS, samples=samples, seed=seed)
+    engine = UOROTangent(p, STEPS, samples=samples, seed=seed, **kw)
     leaves = {k: v.detach() for k, v in hd.space.flatten(p.real_hparams()).items()}
     state, carry = p.init_state(), engine.init()
     for t in range(STEPS):
         state, carry, _ = engine.step(carry, state, p.train_batch(t), leaves, t)
     _, c, _ = p.val_grad(state.params, state.buffers, p.val_batch(STEPS))
-    sp = carry["s"]["params"]
-    dots = sum(sp[n].reshape(samples, -1) @ c[n].reshape(-1) for n in c)
-    return dots[:, None] * carry["lam"], engine
+    return engine.sample_estimates(carry, c), engine
 
 
-@pytest.mark.parametrize("per", ["global", "layer"])
-def test_uoro_is_unbiased_for_the_exact_forward_hypergradient(per):
+@pytest.mark.parametrize("per,kw,samples", [("global", {}, 1500), ("layer", {}, 1500),
+                                            ("layer", {"blocks": "layer"}, 250),
+                                            ("layer", {"centred": True}, 400)])
+def test_uoro_is_unbiased_for_the_exact_forward_hypergradient(per, kw, samples):
     p = problem(mlp(), _space(per), hd.optim.SGD())
     exact = hd.hypergrad(p, STEPS, "forward")
-    est, engine = _per_sample_estimates(p, samples=1500)
+    est, engine = _per_sample_estimates(p, samples=samples, **kw)
     mean, se = est.mean(0), est.std(0) / est.shape[0] ** 0.5
     flat = hd.space.flatten(exact.grad)
     want = torch.zeros_like(mean)
@@ -45,6 +45,16 @@ def test_uoro_is_unbiased_for_the_exact_forward_hypergradient(per):
     assert float((mean - want).norm() / want.norm()) < 0.15
     # a single sample is far from exact: the estimate is random, not a copy of the exact one
     assert float((est[0] - want).norm() / want.norm()) > 1e-3
+    if kw.get("centred"):
+        # the global values (groups of one) are exact in every sample, and each name's mean
+        # over its layers too: the signs only move the deviations from it
+        for j, col in enumerate(engine.columns):
+            if col.members[0].per == "global":
+                assert torch.allclose(est[:, j], want[j].expand(est.shape[0]), rtol=1e-9,
+                                      atol=1e-15)
+        lr = [j for j, col in enumerate(engine.columns) if col.members[0].leaf.startswith("lr/")]
+        assert torch.allclose(est[:, lr].mean(1), want[lr].mean().expand(est.shape[0]),
+                              rtol=1e-9, atol=1e-15)
 
 
 def test_uoro_readout_is_the_mean_of_its_samples_and_hvps_do_not_grow_with_hyperparameters():

@@ -434,7 +434,8 @@ class ForwardTangent:
 def forward_engine(problem: Problem, horizon: int, tangent="exact", compile: bool | dict = False,
                    clamp_grad: float | None = None, clamp_hz: float | None = None,
                    uoro_samples: int = 1, seed: int | None = None,
-                   batched_rows: bool | None = None) -> ForwardTangent:
+                   batched_rows: bool | None = None, uoro_blocks: str = "all",
+                   uoro_centred: bool = False) -> ForwardTangent:
     """The forward engine for a `tangent` choice: a column grouping of the exact engine, or
     "uoro" (the rank-one estimate of Tallec & Ollivier 2018; hypergrad/uoro.py)."""
     if tangent == "uoro":
@@ -443,9 +444,12 @@ def forward_engine(problem: Problem, horizon: int, tangent="exact", compile: boo
         if compile:
             raise HyperparameterError("tangent='uoro' does not run with compile=True")
         return UOROTangent(problem, horizon, uoro_samples,
-                           problem.seed if seed is None else seed, clamp_grad, clamp_hz)
-    if uoro_samples != 1:
-        raise HyperparameterError(f"uoro_samples={uoro_samples!r} needs tangent='uoro'")
+                           problem.seed if seed is None else seed, clamp_grad, clamp_hz,
+                           uoro_blocks, uoro_centred)
+    for name, v, default in (("uoro_samples", uoro_samples, 1), ("uoro_blocks", uoro_blocks, "all"),
+                             ("uoro_centred", uoro_centred, False)):
+        if v != default:
+            raise HyperparameterError(f"{name}={v!r} needs tangent='uoro'")
     return ForwardTangent(problem, horizon, tangent, compile=compile, clamp_grad=clamp_grad,
                           clamp_hz=clamp_hz, batched_rows=batched_rows)
 
@@ -453,7 +457,8 @@ def forward_engine(problem: Problem, horizon: int, tangent="exact", compile: boo
 def forward(problem: Problem, steps: int, values: dict, *, tangent="exact",
             compile: bool | dict = False, clamp_grad: float | None = None,
             clamp_hz: float | None = None, uoro_samples: int = 1,
-            seed: int | None = None, batched_rows: bool | None = None) -> HypergradResult:
+            seed: int | None = None, batched_rows: bool | None = None,
+            uoro_blocks: str = "all", uoro_centred: bool = False) -> HypergradResult:
     """Forward-mode hypergradient after `steps` inner steps (memory constant in T).
 
     tangent="summed" is OHO's approximation (one tangent per hyperparameter name, read back
@@ -468,7 +473,7 @@ def forward(problem: Problem, steps: int, values: dict, *, tangent="exact",
     """
     with CostMeter(problem.device) as meter:
         engine = forward_engine(problem, steps, tangent, compile, clamp_grad, clamp_hz,
-                                uoro_samples, seed, batched_rows)
+                                uoro_samples, seed, batched_rows, uoro_blocks, uoro_centred)
         value, grads = run(engine, problem, steps, values, meter)
         meter.hvps = engine.hvps
     return finish(problem, values, value, grads,

@@ -73,7 +73,8 @@ class OnlineTuner:
                  trend_factor: float = 1.2, giveback: float = 0.3,
                  snapshot_every: int = 25, max_rollbacks: int = 20,
                  backtrack: tuple[str, ...] = ("lr",), compile: bool | dict = False,
-                 uoro_samples: int = 1, noise_tolerance: float = 4.0,
+                 uoro_samples: int = 1, uoro_blocks: str = "all", uoro_centred: bool = False,
+                 noise_tolerance: float = 4.0,
                  meta_lr_floor: float = 0.01):
         if method not in METHODS:
             raise HyperparameterError(f"method={method!r} is not one of {METHODS}")
@@ -112,6 +113,7 @@ class OnlineTuner:
                            snapshot_every=snapshot_every,
                            max_rollbacks=max_rollbacks, backtrack=tuple(backtrack),
                            compile=compile, uoro_samples=uoro_samples,
+                           uoro_blocks=uoro_blocks, uoro_centred=uoro_centred,
                            noise_tolerance=noise_tolerance, meta_lr_floor=meta_lr_floor)
         self.horizon = horizon or 1000
         self.like = problem.real_hparams()
@@ -127,7 +129,8 @@ class OnlineTuner:
         else:
             self.engine = forward_engine(problem, self.horizon, tangent,
                                          compile=compile if method == "forward" else False,
-                                         uoro_samples=uoro_samples)
+                                         uoro_samples=uoro_samples, uoro_blocks=uoro_blocks,
+                                         uoro_centred=uoro_centred)
         self.carry = self.engine.init()
         self.history: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
