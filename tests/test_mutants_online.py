@@ -143,3 +143,68 @@ def test_the_state_record_counts_the_batches_a_stream_has_handed_out():
     assert sd["data"] == {"replayable": False, "position": 4, "train_consumed": 4}
     replay = hd.OnlineTuner(_problem(), meta_lr=0.1).run(2).state_dict()
     assert replay["data"] == {"replayable": True, "position": 2}
+
+
+def test_step_trains_on_the_batch_and_tunes_on_the_validation_batch_it_is_given():
+    """step(batch, val_batch): the training loss is that batch's at the pre-step weights and
+    the meta-step's validation loss is the given batch's at the post-step weights."""
+    tuner = hd.OnlineTuner(_problem(), meta_lr=0.1)
+    tuner.step()
+    p = tuner.problem
+    x, y = data(n=48, seed=7)
+    b, vb = (x[:16], y[:16]), (x[16:30], y[16:30])
+    hp = p.hp_at(tuner.hparams, 1, tuner.horizon)
+    want_train, _ = p.train_loss(tuner.state.params, tuner.state.buffers, b, hp)
+    rec = tuner.step(batch=b, val_batch=vb)
+    assert rec["train_loss"] == pytest.approx(want_train.item(), rel=1e-12)
+    want_val = p.val_loss(tuner.state.params, tuner.state.buffers, vb)
+    assert rec["val_loss"] == pytest.approx(want_val.item(), rel=1e-12)
+    assert rec["val_loss"] != pytest.approx(
+        p.val_loss(tuner.state.params, tuner.state.buffers, p.val_batch(2)).item(), rel=1e-6)
+
+
+def test_the_rollback_event_names_the_step_and_the_loss_that_caused_it():
+    loss = InfAt(5)
+    p = _problem(loss)
+    loss.model = p.model
+    tuner = hd.OnlineTuner(p, meta_lr=0.1, snapshot_every=2)
+    while not tuner.events:
+        loss.t = tuner.t
+        rec = tuner.step()
+    ev = tuner.events[0]
+    assert ev == {"step": 5, "event": "rollback", "to_step": 2, "train_loss": math.inf,
+                  "meta_lr": 0.05, "why": "non-finite training loss"}
+    assert {k: rec[k] for k in ev} == ev
+
+
+def test_run_hands_the_callback_each_steps_record():
+    seen = []
+    tuner = hd.OnlineTuner(_problem(), meta_lr=0.1).run(
+        3, callback=lambda tu, r: seen.append((tu.t, r)))
+    assert [t for t, _ in seen] == [1, 2, 3]
+    assert [r for _, r in seen] == tuner.history
+    with pytest.raises(hd.HyperparameterError, match="callback"):
+        hd.OnlineTuner(_problem()).run(2, callback=3)
+
+
+def test_guard_settings_are_kept_in_the_config_and_reach_the_guard(tmp_path):
+    kw = dict(spike_factor=5.0, trend_factor=1.5, giveback=0.7, snapshot_every=3,
+              max_rollbacks=4, noise_tolerance=2.0, meta_lr_floor=0.2)
+    tuner = hd.OnlineTuner(_problem(), **kw)
+    tuner.save(tmp_path / "t.pt")
+    back = hd.OnlineTuner.load(tmp_path / "t.pt", _problem())
+    for t in (tuner, back):
+        assert {k: t.config[k] for k in kw} == kw
+        g = t.guard
+        assert (g.spike_factor, g.trend_factor, g.giveback, g.snapshot_every, g.max_rollbacks,
+                g.noise_tolerance, g.meta_lr_floor) == tuple(kw.values())
+
+
+def test_a_space_with_an_int_is_refused_naming_the_tuner():
+    x, y = data(n=48)
+    space = hd.Space({"lr": hd.Real(0.05, low=1e-4, high=1.0, log=True),
+                      "width": hd.Int(4, low=2, high=8)})
+    p = hd.Problem(mlp(), optimizer=hd.optim.SGD(), space=space, train=(x, y),
+                   val=(x[:20], y[:20]), batch_size=16, regularizer=lambda prm, hp: 0.0)
+    with pytest.raises(hd.HyperparameterError, match=r"OnlineTuner\(method='greedy'\)"):
+        hd.OnlineTuner(p, method="greedy")
