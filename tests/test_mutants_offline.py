@@ -160,3 +160,49 @@ def test_step_decay_is_the_factor_a_sign_flip_multiplies_a_step_size_by():
     v = rule.step(v, {"x": torch.tensor([-1.0, -1.0])})  # the first element flips
     assert torch.equal(rule.step_sizes["x"], torch.tensor([0.1, 0.4]))
     assert torch.allclose(v["x"], torch.tensor([-0.3, 0.8]))
+
+
+def test_zero_meta_steps_is_a_tuner_that_only_retrains():
+    off = OfflineTuner(_problem(_space()), steps=4, meta_steps=0).run()
+    assert off.m == 0 and off.history == [] and off.best_hparams is None
+    assert 0.0 <= off.retrain(steps=4)["test_acc"] <= 1.0
+    with pytest.raises(hd.HyperparameterError, match="meta_steps"):
+        OfflineTuner(_problem(_space()), steps=4, meta_steps=-1)
+
+
+def test_a_meta_lr_dict_is_copied_into_the_config():
+    sizes = {"lr": 0.2}
+    off = OfflineTuner(_problem(_space()), steps=4, meta_lr=sizes)
+    sizes["lr"] = 99.0
+    assert off.config["meta_lr"] == {"lr": 0.2} and off.config["meta_lr"] is not sizes
+    assert torch.equal(off.meta.step_sizes["lr"], torch.tensor([0.2, 0.2], dtype=torch.float64))
+
+
+def test_run_writes_a_checkpoint_every_checkpoint_every_meta_steps(tmp_path):
+    ck = tmp_path / "off.pt"
+    written = []
+
+    def seen(tuner, record):  # called before the checkpoint of this meta-step is written
+        written.append(ck.is_file())
+
+    OfflineTuner(_problem(_space()), steps=4, meta_steps=3).run(
+        checkpoint=ck, checkpoint_every=1, callback=seen)
+    assert written == [False, True, True]
+    assert OfflineTuner.load(ck, _problem(_space())).m == 3
+
+
+def test_retrain_with_the_best_values_is_not_a_retrain_with_the_last():
+    """values='best' trains with the best meta-step's values (never the last outer step's,
+    which no run has used); before any meta-step both are the current values."""
+    off = OfflineTuner(_problem(_space()), steps=6, meta_steps=2)
+    assert off.retrain(steps=6, seed=0) == off.retrain(steps=6, seed=0, values="last")
+    off.run()
+    best, last = off.best_hparams, off.hparams
+    assert not torch.equal(best["lr"], last["lr"])
+    r_best = off.retrain(steps=6, seed=0, values="best")
+    r_last = off.retrain(steps=6, seed=0, values="last")
+    assert r_best["test_loss"] != r_last["test_loss"]
+    # and "best" is that of the meta-step with the lowest validation loss
+    m = min(range(2), key=lambda i: off.history[i]["val_loss"])
+    assert torch.allclose(best["lr"], torch.tensor(off.history[m]["hparams"]["lr"],
+                                                   dtype=torch.float64), rtol=0, atol=0)
