@@ -1,5 +1,7 @@
 """tangent="uoro": an unbiased rank-one estimate of the forward tangent (Tallec & Ollivier 2018)."""
 
+import math
+
 import pytest
 import torch
 from helpers import data, logreg, mlp, problem
@@ -105,6 +107,28 @@ def test_uoro_options_are_checked():
         hd.hypergrad(p, 2, "forward", tangent="uoro", uoro_samples=0)
     with pytest.raises(hd.HyperparameterError, match="needs tangent='uoro'"):
         hd.hypergrad(p, 2, "forward", uoro_samples=2)
+    with pytest.raises(hd.HyperparameterError, match="uoro_centred=True needs tangent='uoro'"):
+        hd.OnlineTuner(p, uoro_centred=True)
+    with pytest.raises(hd.HyperparameterError, match="uoro_blocks='row' is not one of"):
+        hd.hypergrad(p, 2, "forward", tangent="uoro", uoro_blocks="row")
+    with pytest.raises(hd.HyperparameterError, match="needs uoro_blocks='all'"):
+        hd.hypergrad(p, 2, "forward", tangent="uoro", uoro_blocks="name", uoro_centred=True)
+    with pytest.raises(hd.HyperparameterError, match="uoro_centred must be True or False"):
+        hd.hypergrad(p, 2, "forward", tangent="uoro", uoro_centred=1)
+
+
+def test_centred_uoro_costs_one_product_per_group_more_and_tunes_online():
+    p = problem(mlp(), _space("layer"), hd.optim.SGD())
+    plain = hd.hypergrad(p, STEPS, "forward", tangent="uoro", uoro_samples=2)
+    centred = hd.hypergrad(p, STEPS, "forward", tangent="uoro", uoro_samples=2,
+                           uoro_centred=True)
+    groups = 3  # per-layer lr; global weight decay and momentum (groups of one)
+    assert centred.stats["hvps"] == plain.stats["hvps"] + groups * (STEPS - 1)
+    tuner = hd.OnlineTuner(problem(mlp(), _space("layer"), hd.optim.SGD()), tangent="uoro",
+                           uoro_centred=True, meta_lr=0.05).run(8)
+    assert all(math.isfinite(r["tangent_norm"]) and r["tangent_norm"] > 0
+               for r in tuner.history[1:])
+    assert tuner.history[-1]["hparams"] != tuner.history[0]["hparams"]
 
 
 @pytest.mark.parametrize("per", ["global", "layer"])

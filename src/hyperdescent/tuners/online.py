@@ -50,7 +50,9 @@ class OnlineTuner:
     """Tune hyperparameters inside one training run (`hd.OnlineTuner`).
 
     method: "forward" (exact RTRL tangent, OHO's `tangent="summed"` approximation, or
-    `tangent="uoro"`, an unbiased rank-one estimate averaged over `uoro_samples`),
+    `tangent="uoro"`, an unbiased rank-one estimate averaged over `uoro_samples`; unbiased
+    variance reducers: `uoro_blocks="name"/"layer"`, and `uoro_centred=True`, which carries
+    each name's mean over layers exactly and estimates only the deviations from it),
     "greedy" (tangent reset every step: one-step lookahead) or "truncated" (backprop through
     the last `window` steps, all replayed at the current values). Meta-steps are taken in raw
     coordinates (log / logit), so values never leave their bounds. The defaults (meta_lr 0.03,
