@@ -182,21 +182,33 @@ def first_alarm(values, steps=None, **kw):
 
 
 def test_first_loss_rule_catches_a_loss_three_times_the_first():
-    """A loss that rose steadily (so 3x the running average is out of reach) and then passes
-    3x the first loss: only the first-loss rule sees it."""
+    """A loss that rose steadily (so 3x the running average is out of reach) and then stays
+    above 3x the first loss: only the first-loss rule sees it, at its third step up there
+    (a lone loss that high, 8 noise sds above the average, could be heavy-tailed noise)."""
     rising = [1.0, 1.35, 1.7, 2.05, 2.4, 2.75, 2.8, 2.85, 2.9, 2.9]
-    step, _ = first_alarm(rising + [3.2] + [2.9] * 5)
-    assert step == 10
-    assert first_alarm(rising + [2.95] + [2.9] * 5)[0] is None
+    step, _ = first_alarm(rising + [3.2] * 3 + [2.9] * 5)
+    assert step == 12
+    assert first_alarm(rising + [3.2, 3.2, 2.9] + [2.9] * 5)[0] is None
+    assert first_alarm(rising + [2.95] * 3 + [2.9] * 5)[0] is None
 
 
 def test_spike_rule_catches_a_jump_over_three_times_the_running_average():
-    """Falling loss, then a jump to ~4x the running average (below 3x the first loss)."""
+    """Falling loss, then a jump to ~4x the running average (below 3x the first loss) that
+    lasts three steps; a lone jump as high is held out of the statistics and passes."""
     falling = [1.0, 0.6, 0.3] + [0.2] * 12  # running average ~0.4 after 15 steps
-    step, _ = first_alarm(falling + [1.5] + [0.2] * 3)
-    assert step == 15
+    step, tuner = first_alarm(falling + [1.5] * 3 + [0.2] * 3)
+    assert step == 17
+    assert tuner.events[0]["why"] == "training loss spike, 3 steps in a row"
+    assert first_alarm(falling + [1.5] + [0.2] * 3)[0] is None
     # the same jump with spike_factor 5: not a spike (below 5x the average, below 3x first)
-    assert first_alarm(falling + [1.5] + [0.2] * 3, spike_factor=5.0)[0] is None
+    assert first_alarm(falling + [1.5] * 3 + [0.2] * 3, spike_factor=5.0)[0] is None
+
+
+def test_a_lone_loss_beyond_any_noise_rolls_back_at_once():
+    """The jump of the test above, 50x instead of 4x the average: no waiting."""
+    falling = [1.0, 0.6, 0.3] + [0.2] * 12
+    step, tuner = first_alarm(falling + [20.0] + [0.2] * 3)
+    assert step == 15 and tuner.events[0]["why"] == "training loss spike"
 
 
 def test_spike_rule_waits_for_five_steps():

@@ -12,6 +12,13 @@ in differences; von Neumann et al. 1941) by their 90th-percentile absolute devia
 median, a quantile rather than the MAD so that skewed, heavy-tailed batch losses are not
 underestimated, and one that a lone spike does not move; a rule fires only when its signal
 clears its threshold by `noise_tolerance` standard deviations of what it compares.
+
+A finite loss above the spike thresholds is not enough on its own where the noise may be
+heavy-tailed: the mean of a few skewed per-example losses now and then lands 8 standard
+deviations above its mean, as far out in noise units as a genuine jump on a short, quiet
+run. Such a loss is held out of the running statistics and rolls back only
+when the next ones are as high (`_PERSIST` in a row), or at once when it is beyond any
+noise (`_EXTREME` standard deviations above the average, or the noise is nil).
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ _ALPHA = 0.1  # weight of the newest loss in the running average
 _Q90_TO_SD = 1.6449 * math.sqrt(2)
 _NOISE_WINDOW = 50  # successive differences the noise estimate uses
 _FEW = 20  # below this many differences the quantile is unreliable: also take the plain sd
+_PERSIST = 3  # high losses in a row that make a finite spike a divergence
+_EXTREME = 50.0  # standard deviations above the average that no batch noise reaches
 
 
 class GuardExhausted(Exception):
@@ -69,7 +78,8 @@ class DivergenceGuard:
     With σ the noise of one batch loss (see the module docstring) and z `noise_tolerance`, a
     loss counts as divergence when it is not finite; or (after step 5) when it is more than
     2·z·σ above the running average and also far above it (`spike_factor` times it, and
-    above the first loss) or above three times the first loss; or (after step 20) when the
+    above the first loss) or above three times the first loss, three steps in a row or once
+    beyond 50·σ (see the module docstring); or (after step 20) when the
     running average, less z times its own noise, climbed above its best, plus z times the
     best's noise, by more than `trend_factor - 1` of the best or, early on, by more than
     `giveback` of the progress made since the first loss (taken z·σ higher: a low first
@@ -108,6 +118,7 @@ class DivergenceGuard:
         self.count = 0  # healthy losses in the running average
         self.best_sd = 1.0  # ema_sd of the running average when it set the best
         self.diffs: deque = deque(maxlen=_NOISE_WINDOW)
+        self.high = 0  # spike-high losses in a row, held out of the statistics
         self._snapshots: deque = deque(maxlen=2)
 
     @property
@@ -135,18 +146,23 @@ class DivergenceGuard:
         # one batch may be hard (replaying it gives the same loss), so a single loss only
         # counts as a spike once it is also above where training started
         far = loss > max(self.spike_factor * max(smooth, floor), first) or loss > 3 * first
-        spike = t > 5 and far and loss > smooth + 2 * z * sd
-        trend = (t > 20 and not spike and ema - ema_noise > best + best_noise + floor + min(
+        high = t > 5 and far and loss > smooth + 2 * z * sd
+        extreme = high and (sd == 0.0 or loss > smooth + _EXTREME * sd)
+        self.high = self.high + 1 if high else 0
+        spike = extreme or self.high >= _PERSIST
+        trend = (t > 20 and not high and ema - ema_noise > best + best_noise + floor + min(
             (self.trend_factor - 1) * best,
             # progress measured from the first loss's upper bound: a noisy first loss
             # below the average must not make the progress, and the allowance, negative
             self.giveback * max(0.0, first + z * sd - best)))
         spiked = spike or trend
         if spike:
-            self.reason = "training loss spike"
+            self.reason = ("training loss spike" if extreme else
+                           f"training loss spike, {self.high} steps in a row")
+            self.high = 0
         elif trend:
             self.reason = "running training loss climbing back"
-        if not spiked:
+        if not spiked and not high:
             self.count += 1
             if ema + ema_noise <= best + best_noise:
                 best, self.best_sd = ema, ema_sd(self.count)
@@ -161,13 +177,14 @@ class DivergenceGuard:
 
     def _stats(self) -> dict[str, Any]:
         return {"smooth": list(self.smooth), "last": self.last, "diffs": list(self.diffs),
-                "count": self.count, "best_sd": self.best_sd}
+                "count": self.count, "best_sd": self.best_sd, "high": self.high}
 
     def _load_stats(self, st: dict[str, Any]) -> None:
         self.smooth = tuple(st["smooth"])
         self.last = st.get("last")
         self.diffs = deque(st.get("diffs", ()), maxlen=_NOISE_WINDOW)
         self.count, self.best_sd = int(st.get("count", 0)), float(st.get("best_sd", 1.0))
+        self.high = int(st.get("high", 0))
 
     def snapshot(self, record: dict[str, Any]) -> None:
         """Keep `record` (a copy of the tuner's state, which the guard does not copy again)
