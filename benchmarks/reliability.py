@@ -9,6 +9,10 @@ Writes benchmarks/results/reliability.json and reliability.md and prints the tab
   SIGKILLed at a random step; the run resumed from the checkpoint must end bit-identical
   (history records without wall times, weights, hyperparameters, meta-optimizer) to an
   uninterrupted run. Per tuner and dtype.
+- compare kills: `hyperdescent compare` (an oho run, then random search and TPE studies) is
+  SIGKILLed once a random number of trial records is written, then resumed with --resume; it
+  survives when every study ends with its trial budget finished, the trials finished before
+  the kill unchanged, every finished trial recorded once and no run begun twice.
 - faults: a NaN batch loss, an infinite loss, a 1e6x loss spike, a float16 overflow (each
   once), a NaN in one training row (every batch holding it), an infinite hypergradient, or a
   start at the learning rate's upper bound on inputs x30; a run survives when it finishes
@@ -24,6 +28,8 @@ Writes benchmarks/results/reliability.json and reliability.md and prints the tab
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import multiprocessing
@@ -200,6 +206,71 @@ def kills(n: int, seed: int) -> list[dict]:
     return out
 
 
+# -- compare kills -------------------------------------------------------------------------------
+COMPARE = """
+task = "cancer_logreg"
+steps = 40
+seeds = [0]
+[budget]
+trials = 6
+[[methods]]
+label = "oho"
+kind = "oho"
+[[methods]]
+label = "random"
+kind = "random"
+settings = {eval_every = 10}
+[[methods]]
+label = "tpe"
+kind = "tpe"
+settings = {eval_every = 10}
+"""
+
+
+def compare_kill(rng: random.Random) -> dict:
+    """One compare SIGKILLed after a random number of trial records, resumed; the checks."""
+    import optuna
+
+    from hyperdescent.blackbox.resume import study_file
+    from hyperdescent.cli import main as cli
+    from hyperdescent.experiment.rundir import read_records
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg, out = Path(tmp) / "cfg.toml", Path(tmp) / "run"
+        cfg.write_text(COMPARE)
+        kill_after = rng.randrange(1, 12)
+        code = ("import sys; from hyperdescent.cli import main; sys.exit(main(['compare', "
+                f"{str(cfg)!r}, '--out', {str(out)!r}, '--no-progress']))")
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None and sum(
+                r.get("kind") == "trial" for r in read_records(out / "metrics.jsonl")) < kill_after:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        before = read_records(out / "metrics.jsonl")
+        with contextlib.redirect_stdout(io.StringIO()):  # the results table: not ours to print
+            rc = cli(["compare", str(cfg), "--resume", str(out), "--no-progress"])
+        after = read_records(out / "metrics.jsonl")
+        ok = rc == 0 and after[:len(before)] == before
+        starts = [(r["method"], r["seed"]) for r in after if r.get("kind") == "run_start"]
+        ok = ok and len(starts) == len(set(starts)) == 3
+        for i, label in ((1, "random"), (2, "tpe")):
+            path = study_file(out, i, label, 0)
+            study = optuna.load_study(study_name="hyperdescent-seed0", storage=(
+                optuna.storages.JournalStorage(
+                    optuna.storages.journal.JournalFileBackend(str(path)))))
+            done = {t.number: t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")}
+            recs = [r for r in after if r.get("kind") == "trial" and r["method"] == label]
+            old = [r for r in before if r.get("kind") == "trial" and r["method"] == label]
+            ok = ok and len(done) == 6 and sorted(r["trial"] for r in recs) == sorted(done)
+            ok = ok and all(done[r["trial"]].params == r["params"] for r in old)
+        killed = sum(r.get("kind") == "trial_killed" for r in after)
+        return {"kill_after_trials": kill_after, "trial_records_before": sum(
+            r.get("kind") == "trial" for r in before), "trials_cut_short": killed,
+            "survived": bool(ok)}
+
+
 # -- faults ------------------------------------------------------------------------------------
 class FaultyLoss:
     """cross_entropy whose training loss at step `at` (first time only) is `fault(loss)`."""
@@ -369,6 +440,8 @@ def sequences(seed: int, n: int = 3000) -> dict[str, tuple[list[float], bool]]:
         "dead-ReLU stall (sd 0.1, back to chance)": (
             [m + (0.1 * x if t < 150 else 0.0) for t, (m, x) in enumerate(zip(stall, noise))],
             True),
+        "jump to 4x, stays (sd 0.1)": (
+            [(1.0 if t < 300 else 4.0) + 0.1 * x for t, x in enumerate(noise)], True),
     }
 
 
@@ -420,6 +493,11 @@ def markdown(res: dict) -> str:
             err = next((r["error"] for r in rs if "error" in r), "")
             lines.append(f"| {tuner} | {dtype} | {sum(r['identical'] for r in rs)} / {len(rs)} "
                          f"{err[:80]} |")
+    c = res["compare_kills"]
+    lines += ["", "## Compare kills survived / kills tried (SIGKILL after a random number of "
+              "trial records, then --resume)", "",
+              f"{sum(r['survived'] for r in c)} / {len(c)} (trials cut short by the kill and "
+              f"run again: {sum(r['trials_cut_short'] for r in c)})"]
     f = res["faults"]
     lines += ["", "## Faults injected / runs that finished with finite hyperparameters", "",
               "| fault | finished finite / runs | events |", "|---|---|---|"]
@@ -463,7 +541,10 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    res = {"kills": kills(args.kills, args.seed), "faults": faults(args.fault_seeds),
+    rng = random.Random(args.seed)
+    res = {"kills": kills(args.kills, args.seed),
+           "compare_kills": [compare_kill(rng) for _ in range(args.kills)],
+           "faults": faults(args.fault_seeds),
            "concurrent": [concurrent("journal"), concurrent("sqlite")],
            "guard": guard_rates(args.guard_seeds), "noisy_regression": noisy_regression(),
            "fuzz": fuzz(args.fuzz)}
