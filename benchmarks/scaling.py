@@ -1,8 +1,10 @@
 """Scaling out: steps per second of the data-parallel online tuner at 1 and N processes, and the
 wall time of a 16-trial compare run in this process vs through Ray Tune with 2 workers.
 
-Run: .venv/bin/python benchmarks/scaling.py [--procs 1 2] [--steps 60] [--trials 16]
-Each process count runs in fresh processes (gloo on CPU) holding 1/N of every batch of 128.
+Run: .venv/bin/python benchmarks/scaling.py [--procs 1 2] [--steps 60] [--trials 16] [--rounds 3]
+Each process count runs in fresh processes (gloo on CPU) holding 1/N of every batch of 128. On a
+shared machine the load changes from minute to minute, so the process counts (and the local and
+Ray compare runs) are interleaved, `--rounds` times, and each ratio is taken within a round.
 On N GPUs, one rank per GPU with nccl:
     torchrun --nproc-per-node=N benchmarks/scaling.py --worker --device cuda --steps 200
 (under torchrun the script measures that one process count and prints its line).
@@ -25,7 +27,7 @@ import torch.multiprocessing as mp
 import hyperdescent as hd
 
 BENCH_ARGS = []
-BENCH_QUICK_ARGS = ["--steps", "20", "--trials", "4", "--trial-steps", "50"]
+BENCH_QUICK_ARGS = ["--steps", "20", "--trials", "4", "--trial-steps", "50", "--rounds", "1"]
 OUT = Path(__file__).parent / "results"
 
 
@@ -82,17 +84,32 @@ def _worker(rank: int, world: int, store: str, args, out: str) -> None:
 
 
 def data_parallel(args) -> list[dict]:
-    """One measurement per process count, each in fresh processes."""
+    """One measurement per process count and round (the counts interleaved), each in fresh
+    processes."""
     rows = []
-    for world in args.procs:
-        with tempfile.TemporaryDirectory() as d:
-            out = os.path.join(d, "res.json")
-            mp.start_processes(_worker, args=(world, os.path.join(d, "store"), args, out),
-                               nprocs=world, join=True, start_method="spawn")
-            rows.append(json.loads(Path(out).read_text()))
-        print(f"data parallel: {rows[-1]['procs']} process(es): "
-              f"{rows[-1]['steps_per_s']:.1f} steps/s")
+    for r in range(args.rounds):
+        for world in args.procs:
+            with tempfile.TemporaryDirectory() as d:
+                out = os.path.join(d, "res.json")
+                mp.start_processes(_worker, args=(world, os.path.join(d, "store"), args, out),
+                                   nprocs=world, join=True, start_method="spawn")
+                rows.append({**json.loads(Path(out).read_text()), "round": r})
+            print(f"data parallel, round {r}: {rows[-1]['procs']} process(es): "
+                  f"{rows[-1]['steps_per_s']:.1f} steps/s")
     return rows
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+def paired(rows: list[dict], key: str, value: str, base, other) -> list[float]:
+    """other / base of `value` within each round (rows whose `key` is base and other)."""
+    by = {(r["round"], r[key]): r[value] for r in rows}
+    return [by[(k, other)] / by[(k, base)] for k in sorted({r["round"] for r in rows})
+            if (k, base) in by and (k, other) in by]
 
 
 def compare_wall(args) -> list[dict]:
@@ -104,20 +121,20 @@ def compare_wall(args) -> list[dict]:
     base = {"name": "scaling", "task": "digits_mlp", "seeds": [0], "steps": args.trial_steps,
             "budget": {"trials": args.trials},
             "methods": [{"label": "random", "kind": "random"}]}
+    t0 = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as d:
-        for executor in ("local", "ray"):
-            cfg = validate_config({**base, "executor": executor, "ray": {"num_cpus": 2}})
-            t0 = time.perf_counter()
-            if executor == "ray":
-                ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-            t1 = time.perf_counter()
-            compare(cfg, out=Path(d) / executor, progress=False)
-            t2 = time.perf_counter()
-            rows.append({"executor": executor, "trials": args.trials,
-                         "trial_steps": args.trial_steps, "wall_s": t2 - t1,
-                         "ray_init_s": t1 - t0 if executor == "ray" else 0.0})
-            print(f"compare, {args.trials} trials, {executor}: {t2 - t1:.1f} s"
-                  + (f" (+ {t1 - t0:.1f} s ray.init)" if executor == "ray" else ""))
+        for r in range(args.rounds):
+            for executor in ("local", "ray"):
+                cfg = validate_config({**base, "executor": executor, "ray": {"num_cpus": 2}})
+                t1 = time.perf_counter()
+                compare(cfg, out=Path(d) / f"{executor}{r}", progress=False)
+                t2 = time.perf_counter()
+                rows.append({"executor": executor, "trials": args.trials, "round": r,
+                             "trial_steps": args.trial_steps, "wall_s": t2 - t1,
+                             "ray_init_s": init_s if executor == "ray" else 0.0})
+                print(f"compare, round {r}, {args.trials} trials, {executor}: {t2 - t1:.1f} s")
         ray.shutdown()
     return rows
 
@@ -131,6 +148,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--trials", type=int, default=16)
     ap.add_argument("--trial-steps", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions")
     ap.add_argument("--skip-ray", action="store_true")
     ap.add_argument("--worker", action="store_true", help="under torchrun: measure this group")
     ap.add_argument("--device", default="cpu")
@@ -165,12 +183,22 @@ def main(argv=None):
 def markdown(result: dict, trials: int) -> str:
     """The tables of scaling.md, with a warning when the machine was busy with other work."""
     m = result["machine"]
+    dp_rows = result["data_parallel"]
     lines = ["# Scaling out", "",
              f"{m['cpus']} CPUs, load average {m['load_avg_1m']:.1f} at the start, "
-             f"{m['load_avg_1m_end']:.1f} at the end.", "",
-             "| processes | steps/s (OnlineTuner, forward, batch 128 split over ranks) |",
-             "|---|---|"]
-    lines += [f"| {r['procs']} | {r['steps_per_s']:.1f} |" for r in result["data_parallel"]]
+             f"{m['load_avg_1m_end']:.1f} at the end. Process counts (and executors) "
+             "interleaved round by round; ratios taken within a round.", "",
+             "| round | processes | steps/s (OnlineTuner, forward, batch 128 split over ranks) |",
+             "|---|---|---|"]
+    lines += [f"| {r.get('round', 0)} | {r['procs']} | {r['steps_per_s']:.1f} |"
+              for r in dp_rows]
+    procs = sorted({r["procs"] for r in dp_rows})
+    for p in procs[1:]:
+        ratios = paired(dp_rows, "procs", "steps_per_s", procs[0], p)
+        if ratios:
+            lines += ["", f"{p} processes / {procs[0]}: steps/s ratio "
+                      f"{', '.join(f'{x:.2f}' for x in ratios)} per round, median "
+                      f"{_median(ratios):.2f}."]
     if max(m["load_avg_1m"], m["load_avg_1m_end"]) > m["cpus"]:
         lines += ["", "The machine was busy with other work (load above its CPU count): the "
                   "processes compete with it for the CPUs (N processes also get a larger share "
@@ -178,11 +206,15 @@ def markdown(result: dict, trials: int) -> str:
                   "measure on an idle machine or on GPUs (torchrun line in the script's "
                   "docstring)."]
     if "compare" in result:
-        lines += ["", f"| executor | wall time of a {trials}-trial compare run (s) |",
-                  "|---|---|"]
-        lines += [f"| {r['executor']} | {r['wall_s']:.1f}"
-                  + (f" (+ {r['ray_init_s']:.1f} ray.init)" if r["ray_init_s"] else "") + " |"
-                  for r in result["compare"]]
+        rows = result["compare"]
+        init = next((r["ray_init_s"] for r in rows if r["ray_init_s"]), 0.0)
+        lines += ["", f"| round | executor | wall time of a {trials}-trial compare run (s) |",
+                  "|---|---|---|"]
+        lines += [f"| {r.get('round', 0)} | {r['executor']} | {r['wall_s']:.1f} |" for r in rows]
+        ratios = paired(rows, "executor", "wall_s", "local", "ray")
+        lines += ["", f"ray.init took {init:.1f} s once (not in the table). Ray / local wall "
+                  f"time: {', '.join(f'{x:.2f}' for x in ratios)} per round, median "
+                  f"{_median(ratios):.2f}." if ratios else ""]
     return "\n".join(lines) + "\n"
 
 
