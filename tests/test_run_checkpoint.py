@@ -73,3 +73,21 @@ def test_only_the_gradient_kinds_resume():
     assert resumable(cfg.methods[0]) and not resumable(cfg.methods[1])
     with pytest.raises(InputTypeError, match="checkpoint"):
         DirCheckpoint(3)
+
+
+def test_dir_checkpoint_replaces_atomically_and_survives_a_death_between_renames(tmp_path):
+    from hyperdescent.experiment.run_checkpoint import RUNNER_FILE, TUNER_FILE, write_runner
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / TUNER_FILE).write_bytes(b"t1")
+    write_runner(src, {"step": 1})
+    ck = DirCheckpoint(tmp_path / "ck")
+    ck.save(src)
+    write_runner(src, {"step": 2})
+    ck.save(src)
+    assert read_runner(ck.latest())["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "src"]  # no leftovers
+    # a process killed after moving the old checkpoint aside, before renaming the new one in
+    (tmp_path / "ck").rename(tmp_path / "ck.old")
+    assert read_runner(ck.latest())["step"] == 2
+    assert (ck.latest() / RUNNER_FILE).is_file()
