@@ -6,6 +6,7 @@ two-core machine), then writes a markdown report: the score (killed + timeout ov
 run; "no tests" counts as survived), the score per module, and every survivor's diff.
 
     python benchmarks/mutate.py [--sample N] [--seed S] [--children K] [--out FILE]
+    python benchmarks/mutate.py --names FILE   # run only these mutants (earlier survivors)
     python benchmarks/mutate.py --report-only --names FILE   # report on a finished run
 """
 
@@ -47,16 +48,21 @@ def module_of(name: str) -> str:
     return re.sub(r"\.x[_\u01c1].*$", "", name.split("__mutmut_")[0])
 
 
-def run(sample: int, seed: int, children: int) -> list[str] | None:
-    """Run mutmut on every mutant (sample=0) or a seeded sample; returns the sample's names."""
-    if not sample:
+def run(sample: int, seed: int, children: int, names: list[str] | None = None
+        ) -> list[str] | None:
+    """Run mutmut on every mutant (sample=0), a seeded sample, or the given `names` (those
+    that still exist: a rerun of an earlier run's survivors); returns the names run."""
+    if not sample and names is None:
         mutmut("run", "--max-children", str(children), check=False)
         return None
     # generate the mutants and the test statistics without running any mutant
     mutmut("run", "--max-children", str(children), NO_MATCH, check=False)
-    names = sorted(statuses())
-    random.Random(seed).shuffle(names)
-    chosen = sorted(names[:sample])
+    every = sorted(statuses())
+    if names is not None:
+        chosen = sorted(set(names) & set(every))
+    else:
+        random.Random(seed).shuffle(every)
+        chosen = sorted(every[:sample])
     mutmut("run", "--max-children", str(children), *chosen, check=False)
     return chosen
 
@@ -112,14 +118,15 @@ def main() -> None:
     ap.add_argument("--children", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/mutation.md")
     ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--names", help="file of mutant names to report on (one a line)")
+    ap.add_argument("--names", help="file of mutant names (one a line) to run, or with "
+                    "--report-only to report on")
     ap.add_argument("--note", default="")
     a = ap.parse_args()
     names = None
     if a.names:
         names = Path(a.names).read_text().split()
     if not a.report_only:
-        names = run(a.sample, a.seed, a.children)
+        names = run(a.sample, a.seed, a.children, names)
     report(a.out, names, a.note)
 
 
