@@ -137,3 +137,22 @@ def test_clamps_and_compile_are_refused_together_before_compiling():
     for bad in (0, -1.0, "1"):
         with pytest.raises(hd.HyperparameterError, match="clamp_grad"):
             hd.hypergrad(p, steps=T, method="forward", clamp_grad=bad)
+
+
+def test_batched_rows_reaches_the_engine_from_hypergrad(monkeypatch):
+    """batched_rows=True: every Hessian-vector row of a step goes through one batched
+    vector-Jacobian product of the problem's seam; the default on CPU takes one per row."""
+    calls = []
+    real = hd.Problem.vjp
+
+    def spy(self, *a, **kw):
+        calls.append(kw.get("batched", False))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(hd.Problem, "vjp", spy)
+    p = _problem()
+    hd.hypergrad(p, steps=T, method="forward", batched_rows=True)
+    assert calls and all(calls)
+    calls.clear()
+    hd.hypergrad(p, steps=T, method="forward")
+    assert calls and not any(calls)
