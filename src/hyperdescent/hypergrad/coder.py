@@ -127,7 +127,7 @@ class RansBuffer:
         if emit.numel():  # rare: a lane emits once every 31/log2(d/n) steps
             words = y.index_select(0, emit)
             self._put(words & WORD_MASK)
-            y = y.index_copy(0, emit, words >> WORD_BITS)
+            y.index_copy_(0, emit, words >> WORD_BITS)  # the head is the buffer's own
         z = (y << k) | r
         y = torch.div(z, n, rounding_mode="floor")
         s = torch.sub(z, y, alpha=n) if isinstance(n, int) else z - y * n

@@ -108,6 +108,11 @@ def _flat_grad(problem: Problem, layout: rsgd.Layout, theta: torch.Tensor, batch
     return leaf, loss.detach(), grad
 
 
+def _axpy(y: torch.Tensor, alpha: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """y + alpha·x, one fused op when alpha is one number."""
+    return torch.add(y, x, alpha=float(alpha)) if alpha.dim() == 0 else y + alpha * x
+
+
 def _lane_cotangent(lane: torch.Tensor, adjoint: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """d<adjoint, lane ⊙ x>/d lane, in the lane's shape (a 0-d lane: a dot product)."""
     return torch.dot(adjoint, x) if lane.dim() == 0 else adjoint * x
@@ -164,11 +169,15 @@ class ReversibleEngine:
         """Forget the steps so far: the reversal stops at the current state."""
         return self._started(carry)
 
+    def _blocks(self, t: int) -> tuple[int, ...]:
+        """The schedule blocks step t is in (the lanes change only with them)."""
+        return tuple(self.problem.bound.space[k].schedule.block(t, self.horizon)
+                     for k in self._scheduled)
+
     def _hp_and_lanes(self, leaves: dict, t: int) -> tuple[dict, tuple]:
         """The values step t uses and their lanes, rebuilt only when the leaves or a
         schedule's block change."""
-        blocks = tuple(self.problem.bound.space[k].schedule.block(t, self.horizon)
-                       for k in self._scheduled)
+        blocks = self._blocks(t)
         cached = self._cache
         if cached is None or cached[0] is not leaves or cached[1] != blocks:
             hp = self.problem.hp_at(unflatten(leaves, self.like), t, self.horizon)
@@ -214,16 +223,32 @@ class ReversibleEngine:
         grads = {k: torch.zeros_like(x) for k, x in lams[-1].items()}
         data = problem.train_data
         dx = torch.zeros_like(data.x) if self.inputs_grad else None
+        bits = buffer.bits()  # what the forward pass left in the buffer
         t0, seg = carry["t0"], len(segments) - 1
-        pending, pending_cots = [], []
+        key, lane_cots = None, []
+
+        def flush():
+            # the lanes' cotangents summed over the steps that share them: one product
+            if lane_cots:
+                outs = [x for x, _ in lane_cots]
+                for k, gk in zip(lam, problem.vjp(outs, list(lam.values()),
+                                                  [c for _, c in lane_cots])):
+                    if gk is not None:
+                        grads[k] = grads[k] + gk
+
         for t in range(carry["t"] - 1, t0 - 1, -1):
             while seg > 0 and segments[seg][0] > t:
                 seg -= 1
-            lam = lams[seg]
-            hp_g = problem.hp_at(unflatten(lam, self.like), t, self.horizon)
-            lr_g, wd_g, mu_g = lanes.differentiable(hp_g)
-            lr, wd, mu = lr_g.detach(), wd_g.detach(), mu_g.detach()
-            n = lanes.numerators(mu)
+            step_key = (seg, self._blocks(t))
+            if step_key != key:
+                flush()
+                key, lam = step_key, lams[seg]
+                lam_list = list(lam.values())
+                hp_g = problem.hp_at(unflatten(lam, self.like), t, self.horizon)
+                lanes_g = lanes.differentiable(hp_g)
+                lr, wd, mu = (x.detach() for x in lanes_g)
+                n = lanes.numerators(mu)
+                lane_cots = [[x, None] for x in lanes_g if x.requires_grad]
             v_next = sgd.velocity(v)
             theta = sgd.unstep_position(theta, v, lr, t)
             batch = problem.train_batch(t)
@@ -237,34 +262,29 @@ class ReversibleEngine:
                                     buffer, t)
             # θ' = θ - lr·v', v' = μ·v + g(θ) + wd·θ: with ā = dv - lr·dθ the adjoint of v',
             # dθ ← dθ + H·ā + wd·ā, dv ← μ·ā, dlr = -dθ·v', dμ = ā·v, dwd = ā·θ
-            a = dv - lr * dtheta
+            a = _axpy(dv, -lr, dtheta)
             last = t == t0
+            for slot in lane_cots:
+                lane = slot[0]
+                if lane is lanes_g[0]:
+                    cot = -_lane_cotangent(lane, dtheta, v_next)
+                elif lane is lanes_g[1]:
+                    cot = _lane_cotangent(lane, a, theta_f)
+                elif last and not bool(v.any()):
+                    continue  # v_0 = 0 at a fresh start: no momentum product to take
+                else:
+                    cot = _lane_cotangent(lane, a, sgd.velocity(v))
+                slot[1] = cot if slot[1] is None else slot[1] + cot
+            lane_cots = [slot for slot in lane_cots if slot[1] is not None] if last else \
+                lane_cots
             want_theta = not last or self.initial_grad
-            outputs, cots = [g], [a]
-            for lane, x, adj in ((lr_g, v_next, -dtheta), (wd_g, theta_f, a),
-                                 (mu_g, None, a)):
-                if lane.requires_grad:
-                    if x is None:  # v_t (zero at a fresh start: no product to take)
-                        if last and not bool(v.any()):
-                            continue
-                        x = sgd.velocity(v)
-                    # a global lane's graph is a few scalar nodes: backpropagated in batches
-                    out, cot = (pending, pending_cots) if lane.dim() == 0 else (outputs, cots)
-                    out.append(lane)
-                    cot.append(_lane_cotangent(lane, adj, x))
             inputs = ([leaf] if want_theta else []) + ([batch[0]] if self.inputs_grad else [])
-            lam_list = list(lam.values())
-            got = problem.vjp(outputs, inputs + lam_list, cots)
-            if pending and (last or len(pending) >= 96 or segments[seg][0] == t):
-                for k, gk in zip(lam, problem.vjp(pending, lam_list, pending_cots)):
-                    if gk is not None:
-                        grads[k] = grads[k] + gk
-                pending, pending_cots = [], []
+            got = problem.vjp([g], inputs + lam_list, [a])
             if want_theta:
                 self.hvps += 1
                 hv = got[0] if got[0] is not None else torch.zeros_like(dtheta)
-                dtheta = dtheta + hv + wd * a
-                dv = mu * a
+                dtheta = _axpy(hv.add_(dtheta), wd, a)  # hv is autograd's fresh tensor
+                dv = mu * a if mu.dim() else torch.mul(a, float(mu))
             if self.inputs_grad and got[len(inputs) - 1] is not None:
                 if data.full:
                     dx += got[len(inputs) - 1]
@@ -275,11 +295,12 @@ class ReversibleEngine:
                     grads[k] = grads[k] + gk
             if t == carry["t"] - 1 or t % 64 == 0:
                 sample_memory()
+        flush()
         theta0, v0, snap = carry["start"]
         exact = bool(torch.equal(theta, theta0) and torch.equal(v, v0) and buffer.matches(snap))
         P, T = layout.numel, carry["t"] - t0
         self.stats = {
-            "reversal_exact": exact, "buffer_bits": carry.get("buffer_bits", buffer.bits()),
+            "reversal_exact": exact, "buffer_bits": bits,
             "buffer_peak_mb": (64 * P + 32 * buffer.peak_words) / 8 / 2 ** 20,
             "theta_radix": sgd.fx.theta_radix, "velocity_radix": sgd.fx.v_radix}
         self.stats["buffer_bits_per_param_step"] = self.stats["buffer_bits"] / (P * max(T, 1))

@@ -56,7 +56,16 @@ class Layout:
 
     def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views of a flat vector, one per name, in the tensors' shapes."""
-        return {n: x.view(s) for n, x, s in zip(self.names, flat.split(self.sizes), self.shapes)}
+        # one C++ call makes all the views: a few Python-level views per step add up
+        return dict(zip(self.names, torch._C._nn.unflatten_dense_tensors(flat, self._like)))
+
+    @property
+    def _like(self) -> list[torch.Tensor]:
+        like = self.__dict__.get("_like_cache")
+        if like is None:  # shapes only: meta tensors hold no memory
+            like = [torch.empty(s, device="meta") for s in self.shapes]
+            object.__setattr__(self, "_like_cache", like)
+        return like
 
     def lanes(self, per_name: Sequence, dtype, device, graph: bool = False) -> torch.Tensor:
         """Per-tensor values (numbers, 0-d or full tensors) broadcast to one value per element:
@@ -211,32 +220,37 @@ def div_momentum(v: torch.Tensor, n, buffer, denom: int = MOMENTUM_DENOM) -> tor
 
 def decayed_gradient(grad: torch.Tensor, theta: torch.Tensor, wd) -> torch.Tensor:
     """g + wd·θ (coupled weight decay): the same ops in both passes, so bit-identical."""
-    if isinstance(wd, torch.Tensor) and wd.dim() == 0 and float(wd) == 0:
-        return grad
+    if isinstance(wd, torch.Tensor) and wd.dim() == 0:
+        w = float(wd)
+        return grad if w == 0 else torch.add(grad, theta, alpha=w)
     return grad + wd * theta
 
 
 def step(theta: torch.Tensor, v: torch.Tensor, direction: torch.Tensor, lr: torch.Tensor,
-         n, fx: FixedPoint, buffer, t: int = 0, denom: int = MOMENTUM_DENOM):
+         n, fx: FixedPoint, buffer, t: int = 0, denom: int = MOMENTUM_DENOM,
+         scaled_lr: torch.Tensor | None = None):
     """(θ_{t+1}, v_{t+1}) in fixed point from (θ_t, v_t) and direction = g(θ_t) + wd·θ_t."""
     v = mul_momentum(v, n, buffer, denom) + to_fixed(direction, fx.v_scale, fx.layout,
                                                      "gradient", t)
     v = _check_int(v, "velocity", fx.layout, t)
-    return _check_int(theta - position_update(v, lr, fx, t), "weights", fx.layout, t), v
+    return _check_int(theta - position_update(v, lr, fx, t, scaled_lr), "weights", fx.layout,
+                      t), v
 
 
-def position_update(v: torch.Tensor, lr: torch.Tensor, fx: FixedPoint, t: int = 0
-                    ) -> torch.Tensor:
+def position_update(v: torch.Tensor, lr: torch.Tensor, fx: FixedPoint, t: int = 0,
+                    scaled_lr: torch.Tensor | None = None) -> torch.Tensor:
     """lr·v in the weights' fixed point: v's float times lr·2^(radix_θ - radix_v), which
-    rounds once, like lr·(v·2^-radix_v) scaled by 2^radix_θ (powers of two are exact)."""
-    return _checked_int(v.to(fx.v_inv.dtype) * (lr * fx.v_to_theta), fx.layout, "lr·velocity",
-                        t)
+    rounds once, like lr·(v·2^-radix_v) scaled by 2^radix_θ (powers of two are exact);
+    scaled_lr: that factor, when the caller keeps it across steps."""
+    if scaled_lr is None:
+        scaled_lr = lr * fx.v_to_theta
+    return _checked_int(v.to(fx.v_inv.dtype) * scaled_lr, fx.layout, "lr·velocity", t)
 
 
 def unstep_position(theta: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, fx: FixedPoint,
-                    t: int = 0) -> torch.Tensor:
+                    t: int = 0, scaled_lr: torch.Tensor | None = None) -> torch.Tensor:
     """θ_t = θ_{t+1} + lr·v_{t+1}, exactly (the same rounded update the forward step took)."""
-    return theta + position_update(v, lr, fx, t)
+    return theta + position_update(v, lr, fx, t, scaled_lr)
 
 
 def unstep_velocity(v: torch.Tensor, direction: torch.Tensor, n, fx: FixedPoint, buffer,
@@ -255,6 +269,7 @@ class ReversibleSGD:
     fx: FixedPoint
     denom: int = MOMENTUM_DENOM
     headroom_bits: int = 10
+    _lr: tuple | None = None
 
     @classmethod
     def for_weights(cls, layout: Layout, theta0: torch.Tensor, headroom_bits: int = 10,
@@ -282,12 +297,19 @@ class ReversibleSGD:
         velocities' radix from the first direction and the momentum mu."""
         if self.fx.v_scale is None:
             self.fx.set_velocity_range(direction, mu, self.headroom_bits)
-        return step(theta, v, direction, lr, n, self.fx, buffer, t, self.denom)
+        return step(theta, v, direction, lr, n, self.fx, buffer, t, self.denom,
+                    self._scaled(lr))
+
+    def _scaled(self, lr: torch.Tensor) -> torch.Tensor:
+        # lr·2^(radix_θ - radix_v), kept while the caller passes the same lr tensor
+        if self._lr is None or self._lr[0] is not lr:
+            self._lr = (lr, lr * self.fx.v_to_theta)
+        return self._lr[1]
 
     def unstep_position(self, theta: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
                         t: int = 0) -> torch.Tensor:
         """θ_t from θ_{t+1} and v_{t+1}, exactly."""
-        return unstep_position(theta, v, lr, self.fx, t)
+        return unstep_position(theta, v, lr, self.fx, t, self._scaled(lr))
 
     def unstep_velocity(self, v: torch.Tensor, direction: torch.Tensor, n, buffer, t: int = 0
                         ) -> torch.Tensor:
