@@ -141,6 +141,26 @@ def test_resume_refuses_another_config_and_a_missing_directory(tmp_path, capsys)
     assert main(["compare", str(cfg), "--resume", str(out), "--no-progress"]) == 0
     assert read_records(out / "metrics.jsonl") == before
 
+    # killed after its last trial, before its run_end: only the run_end is written; killed
+    # with its study file lost: that run starts again from its seed
+    from hyperdescent.blackbox.resume import study_file
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(
+        line for line, r in zip(lines, before) if not (
+            r.get("kind") == "run_end" and r["method"] == "tpe")))
+    study_file(out, 1, "tpe", 1).unlink()
+    assert main(["compare", str(cfg), "--resume", str(out), "--no-progress"]) == 0
+    after = read_records(out / "metrics.jsonl")
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("elapsed_s", "time", "trial_wall_s")}  # noqa: E731
+                        for r in rs]
+    for seed in (0, 1):
+        old = [r for r in before if (r.get("method"), r.get("seed")) == ("tpe", seed)]
+        new = [r for r in after if (r.get("method"), r.get("seed")) == ("tpe", seed)]
+        assert [r["kind"] for r in new] == ["run_start"] + ["trial"] * 3 + ["run_end"]
+        if seed == 0:
+            assert new[:-1] == old[:-1]
+        assert strip(new) == strip(old)  # seeded: the rerun draws what the first run drew
+
 
 def _interrupt_at(step_of, at):
     """A callback that sends this process SIGINT once `step_of(tuner)` reaches `at`."""

@@ -57,8 +57,8 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _continues(cfg: Config, method) -> bool:
-    """Whether an unfinished run of `method` continues where it stopped (a local black-box
-    run continues its study) rather than starting again."""
+    """Whether an unfinished run of `method` may continue where it stopped rather than start
+    again: a local black-box run does, from the study it keeps in the run directory."""
     return cfg.executor == "local" and not method.gradient and method.kind != "pbt"
 
 
@@ -108,9 +108,11 @@ class RunDir:
                               f"it with the config.toml it holds")
         records = read_records(path / METRICS)
         done = {(r["method"], r["seed"]) for r in records if r.get("kind") == "run_end"}
-        going_on = {m.label for m in cfg.methods if _continues(cfg, m)}
-        keep = [r for r in records if "method" not in r or r["method"] in going_on
-                or (r["method"], r.get("seed")) in done]
+        from ..blackbox.resume import study_file  # optuna, only when resuming
+        going_on = {(m.label, s) for i, m in enumerate(cfg.methods) if _continues(cfg, m)
+                    for s in cfg.seeds if study_file(path, i, m.label, s).is_file()}
+        keep = [r for r in records if "method" not in r
+                or (r["method"], r.get("seed")) in done | going_on]
         rd = cls(path)
         if is_writer() and len(keep) != len(records):
             tmp = path / f".{METRICS}.tmp"
