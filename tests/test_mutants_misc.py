@@ -99,7 +99,7 @@ def test_copy_record_clones_tensors_and_keeps_container_types():
 
 
 def test_save_and_load_record_round_trip_and_refuse_foreign_files(tmp_path):
-    path = tmp_path / "sub" / "r.pt"
+    path = tmp_path / "sub" / "dir" / "r.pt"  # parents made as needed
     save_record(path, {"x": torch.arange(3), "n": 2, "t": (1, 2)}, "Kind")
     back = load_record(path, "Kind")
     assert torch.equal(back["x"], torch.arange(3)) and back["n"] == 2 and back["t"] == (1, 2)
