@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="run directory to write")
     for q in (r, c):
         q.add_argument("--resume", metavar="RUN_DIR",
-                       help="continue an interrupted run directory (finished runs are kept)")
+                       help="continue an interrupted run directory (finished runs are kept, "
+                            "unfinished black-box studies continue)")
     p = sub.add_parser("report", help="rebuild summary.json, plots and report.md of a run")
     p.add_argument("run_dir", help="a run directory (finished or interrupted)")
     for q in (d, r, c):
