@@ -5,10 +5,10 @@
 (b) per-weight L2 penalties (weight decay per element) of logistic regression on digits, drawn
     as one 8x8 image per class;
 (c) 10 training images (one per class) learned from blank: the training inputs themselves are
-    the hyperparameters (`inputs_grad=True`), a logistic regression trained on them, the loss
-    on 1000 real digits as the objective;
-(d) initial-weight scales per layer of the digits MLP (`initial_grad=True`; the log scale's
-    gradient is Σ θ0 ⊙ dE/dθ0).
+    the hyperparameter (the reserved name "train_inputs" of the space), a logistic regression
+    trained on them, the loss on 1000 real digits as the objective;
+(d) initial-weight scales per layer of the digits MLP (the reserved name "init_scale",
+    per="layer", log scale: its raw gradient is Σ θ0 ⊙ dE/dθ0).
 
     python benchmarks/reversible_gallery.py                # 50 meta-steps each
     python benchmarks/reversible_gallery.py --meta-steps 5 --quick
@@ -134,16 +134,19 @@ def training_images(meta_steps: int, out: Path) -> dict:
     _, val = _float64(task)
     real = (task.train[0][:1000].double(), task.train[1][:1000])
     labels = torch.arange(10)
-    space = hd.Space({"lr": hd.Real(0.5, low=1e-3, high=5.0, log=True)})
+    # the training inputs are the reserved hyperparameter "train_inputs" (docs/architecture.md)
+    space = hd.Space({"lr": hd.Real(0.5, low=1e-3, high=5.0, log=True),
+                      "train_inputs": hd.Real(0.0)})
+    x0 = {"x": torch.zeros(10, 64, dtype=torch.float64)}
+    problem = hd.Problem(task.make_model(0).double(), optimizer=hd.optim.SGD(momentum=0.5),
+                         space=space, train=(x0["x"], labels), val=real, batch_size=10,
+                         val_batch_size=1000)
 
     def evaluate(raw):
-        problem = hd.Problem(task.make_model(0).double(), optimizer=hd.optim.SGD(momentum=0.5),
-                             space=space, train=(raw["x"], labels), val=real, batch_size=10,
-                             val_batch_size=1000)
-        res = hd.hypergrad(problem, steps=T, method="reversible", inputs_grad=True)
-        return res.value, {"x": res.stats["train_inputs_grad"]}
+        problem.set_hparams({"train_inputs": raw["x"]})
+        res = hd.hypergrad(problem, steps=T, method="reversible")
+        return res.value, {"x": res.grad["train_inputs"]}
 
-    x0 = {"x": torch.zeros(10, 64, dtype=torch.float64)}
     raw, losses = _meta_loop(meta_steps, x0, 0.05, evaluate)
     plt = _plt()
     fig, axes = plt.subplots(1, 10, figsize=(12, 1.6))
@@ -162,19 +165,18 @@ def init_scales(meta_steps: int, out: Path) -> dict:
     task = hd.tasks.get("digits_mlp")
     base = task.make_model(0)
     names = [n for n, _ in base.named_parameters()]
-    space = hd.Space({"lr": hd.Real(0.05, low=1e-4, high=1.0, log=True)})
+    # the reserved hyperparameter "init_scale" per layer; its raw coordinate is the log scale
+    space = hd.Space({"lr": hd.Real(0.05, low=1e-4, high=1.0, log=True),
+                      "init_scale": hd.Real(1.0, low=1e-3, high=1e3, log=True, per="layer")})
+    problem = hd.Problem(base, optimizer=hd.optim.SGD(momentum=0.9), space=space,
+                         train=task.train, val=task.val, batch_size=128,
+                         val_batch_size=len(task.val[0]))
 
     def evaluate(raw):
-        model = task.make_model(0)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.mul_(torch.exp(raw[n]))
-        problem = hd.Problem(model, optimizer=hd.optim.SGD(momentum=0.9), space=space,
-                             train=task.train, val=task.val, batch_size=128,
-                             val_batch_size=len(task.val[0]))
-        res = hd.hypergrad(problem, steps=T, method="reversible", initial_grad=True)
-        g = res.stats["init_scale_grad"]
-        return res.value, {n: torch.tensor(g[n]) for n in names}
+        problem.set_hparams({"init_scale": {n: torch.exp(raw[n]) for n in names}})
+        res = hd.hypergrad(problem, steps=T, method="reversible")
+        g = res.raw_grad["init_scale"]  # dE/dlog s
+        return res.value, {n: g[n].detach().clone() for n in names}
 
     raw0 = {n: torch.tensor(0.0) for n in names}
     history = []
@@ -249,6 +251,11 @@ def main(argv=None) -> None:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "threads": torch.get_num_threads(), "total_min": (time.time() - t0) / 60}
     stem = "reversible_gallery_quick" if args.quick else "reversible_gallery"
+    if (out / f"{stem}.json").exists():  # --only reruns some panels: keep the others' results
+        old = json.loads((out / f"{stem}.json").read_text())
+        results = {**{k: v for k, v in old.get("results", {}).items() if k not in results},
+                   **results}
+        results = dict(sorted(results.items()))
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     (out / f"{stem}.md").write_text(markdown(results, meta))
     print(math.nan if not results else (out / f"{stem}.md").read_text())

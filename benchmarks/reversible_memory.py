@@ -14,7 +14,8 @@ reports
   process (T <= 1000: beyond that it is extrapolated linearly in T, marked "est.");
 * time: seconds per step (forward + reverse) divided by one plain torch.optim.SGD step
   (forward, backward, step on the same model and batches) timed in blocks just before and
-  after the run in the same process, so that load from other processes hits both alike.
+  after the run in the same process, so that load from other processes hits both alike;
+  `--reps` such interleaved (plain, run, plain) repetitions, the median ratio reported.
 
     python benchmarks/reversible_memory.py                 # T = 100 1000 5000
     python benchmarks/reversible_memory.py --T 100 --quick  # one small cell (*_quick.*)
@@ -94,26 +95,34 @@ class Plain:
         return statistics.median(walls), statistics.median(cpus)
 
 
-def worker(method: str, beta: float, T: int) -> dict:
+def worker(method: str, beta: float, T: int, reps: int = 3) -> dict:
     """One cell in this (fresh) process."""
     hd, torch, task, problem = build(beta)
     plain = Plain(torch, task, problem, beta)
     hd.hypergrad(problem, steps=3, method=method)  # warm-up: lazy imports, allocator
     plain.seconds_per_step(5, 1)
     base = rss_mb()
-    before = plain.seconds_per_step()
-    t0, c0 = time.perf_counter(), time.process_time()
-    res = hd.hypergrad(problem, steps=T, method=method)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    after = plain.seconds_per_step()
+    walls, cpus, plains, plain_cpus, ratios, cpu_ratios = [], [], [], [], [], []
+    for _ in range(reps):  # interleaved: plain, run, plain; ratios per repetition, then medians
+        before = plain.seconds_per_step()
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = hd.hypergrad(problem, steps=T, method=method)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        after = plain.seconds_per_step()
+        walls.append(wall)
+        cpus.append(cpu)
+        plains.append(statistics.mean([before[0], after[0]]))
+        plain_cpus.append(statistics.mean([before[1], after[1]]))
+        ratios.append(wall / T / plains[-1])
+        cpu_ratios.append(cpu / T / plain_cpus[-1])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-    plain_s = statistics.mean([before[0], after[0]])
-    plain_cpu = statistics.mean([before[1], after[1]])
+    wall, plain_s, plain_cpu = (statistics.median(x) for x in (walls, plains, plain_cpus))
     n_params = sum(p.numel() for p in problem.params0.values())
     out = {"method": method, "beta": beta, "T": T, "params": n_params, "wall_s": wall,
-           "s_per_step": wall / T, "plain_s_per_step": plain_s,
-           "ratio_to_plain": wall / T / plain_s, "plain_before_after": [before[0], after[0]],
-           "cpu_ratio_to_plain": cpu / T / plain_cpu, "plain_cpu_s_per_step": plain_cpu,
+           "reps": reps, "s_per_step": wall / T, "plain_s_per_step": plain_s,
+           "ratio_to_plain": statistics.median(ratios), "ratios": ratios,
+           "cpu_ratio_to_plain": statistics.median(cpu_ratios), "cpu_ratios": cpu_ratios,
+           "plain_cpu_s_per_step": plain_cpu,
            "peak_rss_mb": max(0.0, peak), "value": res.value,
            "grad": {k: float(v) for k, v in res.grad.items()},
            "load_avg": os.getloadavg()[0]}
@@ -125,8 +134,8 @@ def worker(method: str, beta: float, T: int) -> dict:
     return out
 
 
-def spawn(method: str, beta: float, T: int, timeout: float = 3600) -> dict:
-    cmd = [sys.executable, __file__, "--worker", method, str(beta), str(T)]
+def spawn(method: str, beta: float, T: int, reps: int = 3, timeout: float = 3600) -> dict:
+    cmd = [sys.executable, __file__, "--worker", method, str(beta), str(T), "--reps", str(reps)]
     proc = subprocess.run(cmd, env={**os.environ, **THREAD_ENV}, capture_output=True,
                           text=True, timeout=timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -185,7 +194,8 @@ def markdown(rows: list[dict], records: list[dict], meta: dict) -> str:
         f"Generated {meta['date']} on {meta['machine']}; torch {meta['torch']}; one thread per "
         f"process; total {meta['total_min']:.1f} min. The machine was shared with other jobs "
         f"(1-min load average in the last column): times are ratios to a plain step measured "
-        f"in the same process just before and after each run.",
+        f"in the same process just before and after each run, the median over "
+        f"{meta.get('reps', 1)} interleaved repetitions.",
         "",
         "digits_mlp (64-128-128-10 ReLU, 26,122 weights, float32, batch 128), SGD with fixed "
         "momentum β (used as n/65536), lr = 0.5·(1-β), weight_decay = 1e-4; lr and weight decay "
@@ -255,20 +265,21 @@ def main(argv=None) -> None:
     ap.add_argument("--betas", type=float, nargs="+", default=[0.9, 0.98])
     ap.add_argument("--reverse-max-T", type=int, default=1000)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions a cell")
     ap.add_argument("--worker", nargs=3, metavar=("METHOD", "BETA", "T"))
     args = ap.parse_args(argv)
     if args.worker:
         method, beta, T = args.worker
-        print("RESULT " + json.dumps(worker(method, float(beta), int(T))), flush=True)
+        print("RESULT " + json.dumps(worker(method, float(beta), int(T), args.reps)), flush=True)
         return
     t0 = time.time()
     records = []
     for T in args.T:
         if T <= args.reverse_max_T:
-            records.append(spawn("reverse", args.betas[0], T))
+            records.append(spawn("reverse", args.betas[0], T, args.reps))
             print(json.dumps(records[-1])[:300], flush=True)
         for beta in args.betas:
-            records.append(spawn("reversible", beta, T))
+            records.append(spawn("reversible", beta, T, args.reps))
             print(json.dumps(records[-1])[:300], flush=True)
     rows = summarise(records)
     import torch
@@ -277,7 +288,7 @@ def main(argv=None) -> None:
         sys.argv[1:] if argv is None else argv),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-        "torch": torch.__version__, "total_min": (time.time() - t0) / 60}
+        "torch": torch.__version__, "total_min": (time.time() - t0) / 60, "reps": args.reps}
     stem = "reversible_memory_quick" if args.quick else "reversible_memory"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows,

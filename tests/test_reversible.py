@@ -349,3 +349,84 @@ def test_a_reversal_that_misses_warns(monkeypatch):
     with pytest.warns(RuntimeWarning, match="bit for bit"):
         res = hd.hypergrad(p, steps=3, method="reversible")
     assert res.stats["reversal_exact"] is False
+
+
+# -- initial-weight scales and training inputs as hyperparameters of the space ------------------
+def test_init_scale_per_layer_matches_reverse_and_finite_differences():
+    """"init_scale" per layer scales θ_0 (Sec. 3.3): reversible equals reverse mode to 1e-6
+    and a central difference along a direction; the old initial_grad stats still agree."""
+    space = hd.Space({"lr": LR, "init_scale": hd.Real(1.0, low=0.1, high=10.0, log=True,
+                                                       per="layer")})
+    p = problem(mlp(), space, hd.optim.SGD(momentum=0.875, weight_decay=1e-3))
+    p.set_hparams({"init_scale": {"0.weight": 0.7, "2.bias": 1.5}})
+    assert torch.equal(p.init_state().params["0.weight"], p.params0["0.weight"] * 0.7)
+    a = hd.hypergrad(p, steps=STEPS, method="reversible", initial_grad=True)
+    b = hd.hypergrad(p, steps=STEPS, method="reverse")
+    assert a.stats["reversal_exact"] and a.value == pytest.approx(b.value, rel=1e-9)
+    _close(a.grad, b.grad, 1e-6)
+    _close(a.raw_grad, b.raw_grad, 1e-6)
+    assert max(abs(float(g)) for g in a.grad["init_scale"].values()) > 1e-4
+    # d/ds_l = <dE/dθ_0, θ_init> over the layer: the initial_grad stat
+    for k, g in a.grad["init_scale"].items():
+        assert float(g) == pytest.approx(a.stats["init_scale_grad"][k], rel=1e-9, abs=1e-12)
+    direction, base, h = _direction(p.hparams), p.hparams, 1e-6
+
+    def at(sign):  # E(s_T) with every hyperparameter moved by sign·h along the direction
+        p.set_hparams({n: ({q: b[q] + sign * h * direction[n][q] for q in b}
+                           if isinstance(b, dict) else b + sign * h * direction[n])
+                       for n, b in base.items()})
+        return hd.hypergrad(p, steps=STEPS, method="truncated", window=1).value
+
+    fd = (at(1) - at(-1)) / (2 * h)
+    p.set_hparams(base)
+    assert dot(a.grad, direction) == pytest.approx(fd, rel=1e-5, abs=1e-9)
+
+
+def test_train_inputs_as_a_hyperparameter_match_reverse():
+    """"train_inputs" holds the whole training set's inputs (Sec. 3.4): its hypergradient by
+    reversal equals reverse mode to 1e-6 and the inputs_grad stat; mini-batches and forward
+    mode are refused, naming the hyperparameter."""
+    x, y = helpers_data(n=12)
+    space = hd.Space({"lr": LR, "train_inputs": hd.Real(0.0, low=-5.0, high=5.0)})
+    p = problem(mlp(), space, hd.optim.SGD(momentum=0.875), x=x.clamp(-4, 4), y=y,
+                batch_size=12)
+    assert torch.equal(p.hparams["train_inputs"], x.clamp(-4, 4))
+    p.set_hparams({"train_inputs": x.clamp(-4, 4) * 0.5})
+    a = hd.hypergrad(p, steps=STEPS, method="reversible", inputs_grad=True)
+    b = hd.hypergrad(p, steps=STEPS, method="reverse")
+    assert a.stats["reversal_exact"] and a.value == pytest.approx(b.value, rel=1e-9)
+    assert a.grad["train_inputs"].shape == x.shape
+    _close(a.grad, b.grad, 1e-6)
+    _close(a.raw_grad, b.raw_grad, 1e-6)
+    _close({"x": a.stats["train_inputs_grad"]}, {"x": b.grad["train_inputs"]}, 1e-6)
+    with pytest.raises(HyperparameterError, match="train_inputs"):
+        problem(mlp(), space, hd.optim.SGD(momentum=0.875), x=x, y=y, batch_size=4)
+    with pytest.raises(HyperparameterError, match="train_inputs"):
+        hd.hypergrad(p, steps=2, method="forward")
+
+
+def test_engine_reset_reverses_to_the_reset_state_like_truncation():
+    """ReversibleEngine.reset makes the current state the start: run() with a reset after
+    T - W steps gives truncated backprop's hypergradient over the last W steps, exactly
+    reversed to the reset state."""
+    from hyperdescent.hypergrad.engine import run
+    from hyperdescent.hypergrad.reversible import ReversibleEngine
+
+    p = _build("per-layer")
+    values, _ = __import__("hyperdescent.hypergrad.reversible",
+                           fromlist=["prepare"]).prepare(p, None, 1 << 16, 10)
+    T, W = 8, 3
+    eng = ReversibleEngine(p, T, values)
+    step = eng.step
+
+    def step_with_reset(carry, state, batch, leaves, t):
+        return step(eng.reset(carry) if t == T - W else carry, state, batch, leaves, t)
+
+    eng.step = step_with_reset
+    value, grads = run(eng, p, T, values)
+    ref = hd.hypergrad(p, steps=T, method="truncated", window=W, hparams=values)
+    assert eng.stats["reversal_exact"]
+    assert value == pytest.approx(ref.value, rel=1e-9)
+    flat = hd.space.flatten(ref.grad)
+    for k, g in grads.items():
+        assert float((g - flat[k]).abs().max()) <= 1e-6 * max(float(flat[k].abs().max()), 1e-12)

@@ -24,6 +24,10 @@ from .space import Space
 
 Params = dict[str, torch.Tensor]
 
+#: hyperparameter names the problem itself uses (docs/architecture.md, "Reserved hyperparameters")
+RESERVED = {"init_scale": "the scale of the initial weights (global, per layer or per weight)",
+            "train_inputs": "the training inputs (the whole training set as one batch)"}
+
 
 def _tensor_slots(model: torch.nn.Module) -> dict[str, tuple[dict, str]]:
     """For each parameter and buffer name, the registry dict and key that hold it."""
@@ -135,6 +139,8 @@ class Problem:
         self._training: bool | None = None
         self.compiled_steps: dict = {}  # torch.compile'd step functions built for this problem
         self._check_space_names()
+        if "train_inputs" in self.bound.names():
+            self._natural["train_inputs"] = self._train_inputs_value()
         validate.check_data(self)
 
     # -- data ----------------------------------------------------------------------------
@@ -166,7 +172,16 @@ class Problem:
 
     # -- hyperparameters -------------------------------------------------------------------
     def _check_space_names(self):
-        used = set(self.optimizer.hyperparameter_names)
+        used = set(self.optimizer.hyperparameter_names) | set(RESERVED)
+        for name in RESERVED:
+            if name in self.bound.names() and (not self.space[name].differentiable
+                                       or self.space[name].schedule is not None
+                                       or (name == "train_inputs"
+                                           and self.space[name].per != "global")):
+                raise HyperparameterError(
+                    f"hyperparameter {name!r} is reserved for {RESERVED[name]}: declare it "
+                    f"hd.Real without a schedule (train_inputs: per='global', its value the "
+                    f"inputs' shape)")
         for name in self.bound.real_names():
             if name not in used and self.regularizer is None:
                 raise HyperparameterError(
@@ -234,6 +249,8 @@ class Problem:
         # None stands for BatchNorm running statistics left out (batch statistics only)
         new_buffers = {n: None if b is None else b.clone() for n, b in buffers.items()}
         x, y = batch
+        if "train_inputs" in hp:  # the whole training set, its inputs a hyperparameter
+            x = hp["train_inputs"]
         loss = self.loss_fn(self.forward(params, new_buffers, x, True), y)
         if self.regularizer is not None:
             loss = loss + self.regularizer(params, hp)
@@ -249,9 +266,29 @@ class Problem:
         loss = self.loss_fn(out, y)
         return dp.mean_all_reduce([loss])[0] if self.distributed else loss
 
-    def init_state(self, params: Params | None = None) -> InnerState:
-        """s_0: the model's initial weights, a fresh optimizer state, the initial buffers."""
-        params = {n: p.clone() for n, p in (params or self.params0).items()}
+    def _train_inputs_value(self) -> torch.Tensor:
+        data = self.train_data
+        if not isinstance(data, ReplayableBatches) or not data.full or self.distributed:
+            raise HyperparameterError(
+                "hyperparameter 'train_inputs' (the training inputs) needs the training set as "
+                "tensors in one batch (batch_size >= len(train)) in one process")
+        return data.x.detach().clone()
+
+    def initial_params(self, hp: Mapping[str, Any] | None = None) -> Params:
+        """θ_0: the model's initial weights, scaled by the "init_scale" hyperparameter when
+        the space has one (Maclaurin, Duvenaud & Adams 2015, "Gradient-based hyperparameter
+        optimization through reversible learning", Sec. 3.3); hp: values (else the current)."""
+        scale = (hp if hp is not None and "init_scale" in hp else self._natural).get("init_scale")
+        if scale is None or "init_scale" not in self.bound.names():
+            return dict(self.params0)
+        return {n: p * (scale[n] if isinstance(scale, dict) else scale)
+                for n, p in self.params0.items()}
+
+    def init_state(self, params: Params | None = None, hp: Mapping[str, Any] | None = None
+                   ) -> InnerState:
+        """s_0: the model's initial weights (`initial_params(hp)` unless `params` is given), a
+        fresh optimizer state, the initial buffers."""
+        params = {n: p.clone() for n, p in (params or self.initial_params(hp)).items()}
         opt = self.optimizer.init(params, hp_names=self.bound.real_names())
         return InnerState(params, opt, {n: b.clone() for n, b in self.buffers0.items()}, 0)
 

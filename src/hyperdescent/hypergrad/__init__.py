@@ -45,6 +45,11 @@ def hypergrad(problem: Problem, steps: int, method: str = "forward",
             f"method {method!r} got unknown option(s) {unknown}; it takes "
             f"{accepted if accepted else 'no options'}")
     problem.bound.space.require_differentiable(method)
+    reserved = [n for n in ("init_scale", "train_inputs") if n in problem.bound.names()]
+    if reserved and method not in ("reverse", "truncated", "reversible"):
+        raise HyperparameterError(
+            f"hyperparameter(s) {reserved} (initial-weight scale, training inputs) are "
+            f"differentiated by method 'reverse', 'truncated' or 'reversible', not {method!r}")
     values = problem.real_hparams()
     if hparams is not None:
         values = {**values, **{k: v for k, v in problem.bound.coerce(hparams, problem.hparams)

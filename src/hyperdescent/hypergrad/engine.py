@@ -44,7 +44,7 @@ def run(engine: Engine, problem: Problem, steps: int, values: dict, meter=None
     """Train `steps` steps from s_0 at hyperparameters `values` through `engine`, then read
     E(s_T) and dE/dλ on the validation batch of step T."""
     leaves = {k: v.detach().clone() for k, v in flatten(values).items()}
-    state, carry = problem.init_state(), engine.init()
+    state, carry = problem.init_state(hp=values), engine.init()
     phase = meter.phase if meter is not None else _no_phase
     with phase("forward"):
         for t in range(steps):

@@ -49,7 +49,8 @@ def unrolled_hypergrad(problem: Problem, steps: int, values: dict, start: int = 
     horizon = steps
     phase = meter.phase if meter is not None else _no_phase
     with phase("plain"):
-        state = run_plain(problem, problem.init_state(), 0, start, values_d, horizon)
+        state = run_plain(problem, problem.init_state(hp=values_d), 0, start, values_d,
+                          horizon)
         seg = steps - start if segment is None else max(1, int(segment))
         bounds = list(range(start, steps, seg)) or [start]
         checkpoints = [state]
@@ -62,6 +63,8 @@ def unrolled_hypergrad(problem: Problem, steps: int, values: dict, start: int = 
     for i in range(len(bounds) - 1, -1, -1):
         a, b = bounds[i], (bounds[i + 1] if i + 1 < len(bounds) else steps)
         s, inputs = _differentiable_start(checkpoints[i])
+        if i == 0 and start == 0 and "init_scale" in values:
+            s = problem.init_state(hp=values)  # θ_0 = scale·θ_init, in the graph of the scale
         with phase("forward"):
             for t in range(a, b):
                 s, _ = problem.step(s, problem.train_batch(t), problem.hp_at(values, t, horizon),

@@ -144,8 +144,8 @@ class ReversibleEngine:
         fixed_mu = 0.0 if "momentum" in values else \
             float(rsgd.quantize_momentum(float(opt.fixed["momentum"]), denom)[1])
         self.lanes = _Lanes(opt, self.layout, fixed_mu, problem.dtype, problem.device, denom)
-        self.sgd = rsgd.ReversibleSGD.for_weights(
-            self.layout, self.layout.flat(problem.params0).detach(), headroom_bits, denom)
+        self.theta0 = self.layout.flat(problem.initial_params(values)).detach()
+        self.sgd = rsgd.ReversibleSGD.for_weights(self.layout, self.theta0, headroom_bits, denom)
         expect = math.log2(1.0 / fixed_mu) if fixed_mu > 0 else 1.0
         self._capacity = int(self.layout.numel * self.horizon * (expect + 0.01) / 31) + 1024
         self._scheduled = [k for k in values if problem.bound.space[k].schedule is not None]
@@ -155,7 +155,7 @@ class ReversibleEngine:
 
     def init(self) -> dict:
         """s_0 in fixed point, an empty buffer, and the start to reverse to."""
-        theta, v = self.sgd.start(self.layout.flat(self.problem.params0).detach())
+        theta, v = self.sgd.start(self.theta0)
         buffer = RansBuffer(self.layout.numel, self.problem.device, self._capacity)
         return self._started({"theta": theta, "v": v, "theta_f": self.sgd.weights(theta),
                               "buffer": buffer, "t": 0, "leaves": []})
@@ -224,6 +224,8 @@ class ReversibleEngine:
         data = problem.train_data
         dx = torch.zeros_like(data.x) if self.inputs_grad else None
         bits = buffer.bits()  # what the forward pass left in the buffer
+        # θ_0 = scale·θ_init (Sec. 3.3): its adjoint is asked for when the reversal reaches s_0
+        scales_init = "init_scale" in self.like and carry["t0"] == 0
         t0, seg = carry["t0"], len(segments) - 1
         key, lane_cots = None, []
 
@@ -277,7 +279,7 @@ class ReversibleEngine:
                 slot[1] = cot if slot[1] is None else slot[1] + cot
             lane_cots = [slot for slot in lane_cots if slot[1] is not None] if last else \
                 lane_cots
-            want_theta = not last or self.initial_grad
+            want_theta = not last or self.initial_grad or scales_init
             inputs = ([leaf] if want_theta else []) + ([batch[0]] if self.inputs_grad else [])
             got = problem.vjp([g], inputs + lam_list, [a])
             if want_theta:
@@ -296,6 +298,14 @@ class ReversibleEngine:
             if t == carry["t"] - 1 or t % 64 == 0:
                 sample_memory()
         flush()
+        if scales_init:
+            first = lams[0]
+            theta0_g = problem.initial_params(unflatten(first, self.like))
+            got = problem.vjp(list(theta0_g.values()), list(first.values()),
+                              list(layout.split(dtheta).values()))
+            for k, gk in zip(first, got):
+                if gk is not None:
+                    grads[k] = grads[k] + gk
         theta0, v0, snap = carry["start"]
         exact = bool(torch.equal(theta, theta0) and torch.equal(v, v0) and buffer.matches(snap))
         P, T = layout.numel, carry["t"] - t0
@@ -311,7 +321,9 @@ class ReversibleEngine:
             self.stats["init_scale_grad"] = {k: float((x * problem.params0[k]).sum())
                                              for k, x in w.items()}
         if self.inputs_grad:
-            self.stats["train_inputs_grad"] = dx
+            # with "train_inputs" in the space the model reads those, not the data tensor
+            self.stats["train_inputs_grad"] = grads["train_inputs"].clone() \
+                if "train_inputs" in grads else dx
         carry.update(theta=theta, v=v)
         return float(value), grads
 
