@@ -1,5 +1,6 @@
 """Online tuning on convolutional nets: the cost of each tangent per step, as a ratio to a plain
-torch.optim step in the same process, beside the irreducible cost of the exact tangent.
+torch.optim step in the same process (each repetition against the plain steps timed just before
+and after it), beside the irreducible cost of the exact tangent.
 
 Models on CIFAR-shaped random tensors (cost does not depend on the data): a BatchNorm CNN with
 4 conv layers and a ResNet-18 (He et al. 2016, "Deep residual learning for image recognition",
@@ -90,6 +91,24 @@ def _time(fn, reps: int, warm: bool = True) -> float:
     return statistics.median(out)
 
 
+def _paired(plain, fn, reps: int, warm: bool = True) -> tuple[float, float, float]:
+    """Median over `reps` of fn's time and of its ratio to the mean of the plain steps timed
+    just before and just after it (the load of a shared machine drifts between variants).
+    Returns (seconds, ratio, plain seconds)."""
+    if warm:
+        fn()
+    secs, ratios, plains = [], [], []
+    before = _time(plain, 1, warm=False)
+    for _ in range(reps):
+        sec = _time(fn, 1, warm=False)
+        after = _time(plain, 1, warm=False)
+        secs.append(sec)
+        ratios.append(sec / ((before + after) / 2))
+        plains.append((before + after) / 2)
+        before = after
+    return statistics.median(secs), statistics.median(ratios), statistics.median(plains)
+
+
 def plain_step(make, batch: int):
     """One torch.optim step (forward, backward, SGD momentum) on a fixed batch."""
     torch.manual_seed(0)
@@ -131,16 +150,18 @@ def _variants(hd, make, batch: int, layered, cols: int) -> dict:
     timed, so that no other variant's model and tangent are alive meanwhile."""
     return {
         "OHO global lr+wd (exact)": lambda: tuner_step(hd, _problem(hd, make, batch, False)),
+        "irreducible global: gradient with graph + 2 HVPs": lambda: irreducible(layered, 2),
         f"per-layer lr exact ({cols} columns)": lambda: tuner_step(hd, layered),
+        f"irreducible exact: gradient with graph + {cols} HVPs":
+            lambda: irreducible(layered, cols),
         "per-layer lr summed": lambda: tuner_step(hd, _problem(hd, make, batch, True),
                                                   tangent="summed"),
         "per-layer lr uoro": lambda: tuner_step(hd, _problem(hd, make, batch, True),
                                                 tangent="uoro"),
+        "per-layer lr uoro centred": lambda: tuner_step(hd, _problem(hd, make, batch, True),
+                                                        tangent="uoro", uoro_centred=True),
         "per-layer lr truncated (window 10)": lambda: tuner_step(
             hd, _problem(hd, make, batch, True), method="truncated", window=10),
-        f"irreducible exact: gradient with graph + {cols} HVPs":
-            lambda: irreducible(layered, cols),
-        "irreducible global: gradient with graph + 2 HVPs": lambda: irreducible(layered, 2),
     }
 
 
@@ -174,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {k: v for k, v in meta.items() if k not in names}
     for name in names:
         make = MODELS[name]
-        base = _time(plain_step(make, batch), reps)
+        plain = plain_step(make, batch)
+        base = _time(plain, reps)
         layered = _problem(hd, make, batch, True)
         cols = len(list(make().parameters()))
         variants = _variants(hd, make, batch, layered, cols)
@@ -182,10 +204,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"irreducible exact: gradient with graph + {cols} HVPs"}
         for label, build in variants.items():
             n = slow_reps if label in slow else reps
-            sec = _time(build(), n, warm=not (label in slow and slow_reps < reps))
-            rows.append({"model": name, "variant": label, "seconds": sec, "ratio": sec / base,
+            sec, ratio, base = _paired(plain, build(), n,
+                                       warm=not (label in slow and slow_reps < reps))
+            rows.append({"model": name, "variant": label, "seconds": sec, "ratio": ratio,
                          "plain_step_s": base, "reps": n})
-            print(f"{name:9s} {label:50s} {sec * 1e3:9.1f} ms  {sec / base:6.2f}x plain",
+            print(f"{name:9s} {label:50s} {sec * 1e3:9.1f} ms  {ratio:6.2f}x plain",
                   flush=True)
         meta[name] = {"batch": batch, "reps": reps, "slow_reps": slow_reps, "threads": 1,
                       "device": "cpu", "command": "python benchmarks/oho_cnn.py "

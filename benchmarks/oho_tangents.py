@@ -7,7 +7,9 @@ learning rate 100x below the task's default:
    exact tangent on the same trajectory every 10 steps: cosine and relative error of the
    hypergradient (Tallec & Ollivier 2018 trade variance for cost; this measures the price);
 2. quality: OnlineTuner runs with each tangent over several seeds: final validation and test
-   loss and wall time.
+   loss and wall time;
+3. cost: seconds per OnlineTuner step of each tangent against exact's, interleaved in one
+   process (the wall times of 2 are not comparable on a loaded machine).
 
     python benchmarks/oho_tangents.py [--tasks digits_mlp mnist1d_mlp] [--seeds 5] [--steps 400]
 
@@ -93,6 +95,22 @@ def variance(task, steps: int) -> list[dict]:
     return out
 
 
+def step_cost(task, steps: int) -> list[dict]:
+    """Seconds per OnlineTuner step of each variant as a ratio to exact's, the variants' steps
+    interleaved in one process (round robin) so that a drifting load falls on all alike."""
+    tuners = {v: hd.OnlineTuner(make_problem(task, 0), **kw) for v, kw in VARIANTS.items()}
+    secs: dict[str, list[float]] = {v: [] for v in tuners}
+    for i in range(steps + 2):
+        for v, tuner in tuners.items():
+            t0 = time.perf_counter()
+            tuner.step()
+            if i >= 2:  # the first steps start the tangent columns / fill the window
+                secs[v].append(time.perf_counter() - t0)
+    ref = statistics.median(secs["exact"])
+    return [{"task": task.name, "variant": v, "step_s": statistics.median(x),
+             "ratio": statistics.median(x) / ref} for v, x in secs.items()]
+
+
 def quality(task, variant: str, seed: int, steps: int) -> dict:
     """Final val/test loss and wall time of one OnlineTuner run."""
     p = make_problem(task, seed)
@@ -110,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--variance-steps", type=int, default=100, help="0: skip that experiment")
+    ap.add_argument("--cost-steps", type=int, default=30, help="0: skip that experiment")
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     ap.add_argument("--seed-list", type=int, nargs="+", help="these seeds instead of --seeds")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
@@ -117,12 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    var, runs = [], []
+    var, runs, cost = [], [], []
     if args.merge:
         for f in args.merge:
             d = json.loads(Path(f).read_text())
             var += d["variance"]
             runs += d["runs"]
+            cost += d.get("cost", [])
         args.tasks = list(dict.fromkeys(r["task"] for r in runs + var))
         args.steps = d["args"]["steps"]
         args.variants = [v for v in VARIANTS if any(r["variant"] == v for r in runs)]
@@ -130,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         task = hd.tasks.get(name)
         if args.variance_steps:
             var += variance(task, args.variance_steps)
+        if args.cost_steps:
+            cost += step_cost(task, args.cost_steps)
         for variant in args.variants:
             for seed in args.seed_list or range(args.seeds):
                 runs.append(quality(task, variant, seed, args.steps))
@@ -168,10 +190,16 @@ def main(argv: list[str] | None = None) -> int:
                 if ref else (math.nan, math.nan)
             lines.append(f"| {name} | {variant} | {len(sel)} | {med['val_loss']:.4f} | {rv:.2f} "
                          f"| {med['test_loss']:.4f} | {med['seconds']:.1f} | {rs:.2f} |")
+    if cost:
+        lines += ["", "## Cost per OnlineTuner step (variants interleaved in one process, "
+                      "median over steps)", "", "| task | tangent | ms / step | / exact |",
+                  "|---|---|---|---|"]
+        lines += [f"| {c['task']} | {c['variant']} | {c['step_s'] * 1e3:.1f} | "
+                  f"{c['ratio']:.2f} |" for c in cost]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "oho_tangents.json").write_text(json.dumps(
-        {"args": vars(args), "variance": var, "runs": runs}, indent=1) + "\n")
+        {"args": vars(args), "variance": var, "runs": runs, "cost": cost}, indent=1) + "\n")
     (out / "oho_tangents.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
