@@ -53,6 +53,9 @@ def recovery(task, seed: int, steps: int, every: int, start: float = 0.01, **tun
     """One OHO run from `start` x the task's default lr: the full-validation loss every `every`
     steps, and when it first came within 10% of its best."""
     lr0 = task.space["lr"].init * start
+    if "beta2" in tuner_kw:  # shorthand for meta_betas=(0.9, beta2) in comma-separated configs
+        tuner_kw = dict(tuner_kw)
+        tuner_kw["meta_betas"] = (0.9, tuner_kw.pop("beta2"))
     tuner = hd.OnlineTuner(_problem(task, lr0, seed), **tuner_kw)
     curve = []
     try:

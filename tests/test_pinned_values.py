@@ -42,7 +42,8 @@ def current_values() -> dict:
         out[method] = {"value": float(res.value).hex(), "grad": _flat(res.grad),
                        "raw_grad": _flat(res.raw_grad)}
     p = _problem()
-    tuner = hd.OnlineTuner(p, meta_lr=0.05, reset_every=5)
+    # the meta-Adam betas of the pinned run (pins guard refactors, not defaults)
+    tuner = hd.OnlineTuner(p, meta_lr=0.05, reset_every=5, meta_betas=(0.9, 0.999))
     tuner.run(12)
     out["oho"] = {"hparams": _flat(tuner.hparams),
                   "train_loss": [float(r["train_loss"]).hex() for r in tuner.history],
@@ -53,7 +54,8 @@ def current_values() -> dict:
     x, y = data(n=64)
     adam = hd.Problem(mlp(), optimizer=hd.optim.Adam(), space=adam_space, train=(x, y),
                       val=(x[:24] + 0.1, y[:24]), batch_size=16, seed=1)
-    tuner = hd.OnlineTuner(adam, method="truncated", window=3, meta_lr=0.05)
+    tuner = hd.OnlineTuner(adam, method="truncated", window=3, meta_lr=0.05,
+                           meta_betas=(0.9, 0.999))
     tuner.run(8)
     out["oho_truncated_adam"] = {"hparams": _flat(tuner.hparams),
                                  "val_loss": [float(r["val_loss"]).hex() for r in tuner.history]}

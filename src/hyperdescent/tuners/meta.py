@@ -27,7 +27,8 @@ class MetaOptimizer:
 
     def __init__(self, raw: Mapping[str, torch.Tensor], kind: str = "adam",
                  lr: float | Mapping[str, float] = 0.03, clip: float | None = None,
-                 project: Callable[[Leaves], Leaves] | None = None, step_decay: float = 0.5):
+                 project: Callable[[Leaves], Leaves] | None = None, step_decay: float = 0.5,
+                 betas: tuple[float, float] = (0.9, 0.999)):
         if kind not in KINDS:
             raise HyperparameterError(f"meta_optimizer={kind!r} is not one of {KINDS}")
         if kind == "fds":  # lr: the initial step sizes, one float or one per leaf
@@ -41,6 +42,11 @@ class MetaOptimizer:
         if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
             raise HyperparameterError(f"clip must be a positive number or None, got {clip!r}")
         self.raw: Leaves = {k: v.detach().clone().requires_grad_(True) for k, v in raw.items()}
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                for b in betas)):
+            raise HyperparameterError(f"meta_betas must be two numbers in [0, 1), got {betas!r}")
+        self.betas = (float(betas[0]), float(betas[1]))
         self.kind, self.lr, self.clip, self.project = kind, float(lr), clip, project
         self._opt = self._make(self.lr)
 
@@ -52,9 +58,9 @@ class MetaOptimizer:
             # the fused kernel skips most of torch.optim's per-step Python, which dominates
             # a meta-step over a handful of scalars
             try:
-                return torch.optim.Adam(params, lr=lr, fused=True)
+                return torch.optim.Adam(params, lr=lr, betas=self.betas, fused=True)
             except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
-                return torch.optim.Adam(params, lr=lr)
+                return torch.optim.Adam(params, lr=lr, betas=self.betas)
         return torch.optim.SGD(params, lr=lr)
 
     def values(self) -> Leaves:

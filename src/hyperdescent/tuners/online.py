@@ -56,8 +56,16 @@ class OnlineTuner:
     "greedy" (tangent reset every step: one-step lookahead) or "truncated" (backprop through
     the last `window` steps, all replayed at the current values). Meta-steps are taken in raw
     coordinates (log / logit), so values never leave their bounds. The defaults (meta_lr 0.03,
-    tangent reset every 50 steps) come from benchmarks/oho_defaults.py; `reset_every` applies
-    to the forward tangent only. `history` holds one record per inner step (train loss,
+    tangent reset every 200 steps, meta-Adam betas (0.9, 0.97)) come from
+    benchmarks/oho_defaults.py, which starts every bundled task from a learning rate 100x too
+    small: hypergradients shrink by orders of magnitude as training settles, and Adam's usual
+    beta2 0.999 remembers the early large ones, so its steps shrank and the learning rate
+    crawled; beta2 0.97 forgets them in tens of steps, and a tangent reset only every 200 steps
+    holds off the short-horizon bias toward too small a learning rate (Wu et al. 2018,
+    "Understanding short-horizon bias in stochastic meta-optimization"), which with a short
+    beta2 and resets every 50 steps drove the learning rate down 50x on mnist1d_mlp
+    (benchmarks/results/oho_recovery.md). `reset_every` applies to the forward
+    tangent only. `history` holds one record per inner step (train loss,
     hyperparameters used, tangent norm, wall time) with the validation loss, the hypergradient
     (natural units) and its raw-coordinate norm on meta-steps, which are every step by
     default; hyper_every=2 with meta_lr=0.06 did as well on every bundled task in
@@ -69,7 +77,7 @@ class OnlineTuner:
     """
 
     def __init__(self, problem: Problem, method: str = "forward", meta_optimizer: str = "adam",
-                 meta_lr: float = 0.03, hyper_every: int = 1, reset_every: int | None = 50,
+                 meta_lr: float = 0.03, hyper_every: int = 1, reset_every: int | None = 200,
                  tune_on: str = "val", clip: float | None = 1.0, tangent: str = "exact",
                  window: int = 10, horizon: int | None = None, spike_factor: float = 3.0,
                  trend_factor: float = 1.2, giveback: float = 0.3,
@@ -77,7 +85,7 @@ class OnlineTuner:
                  backtrack: tuple[str, ...] = ("lr",), compile: bool | dict = False,
                  uoro_samples: int = 1, uoro_blocks: str = "all", uoro_centred: bool = False,
                  noise_tolerance: float = 4.0,
-                 meta_lr_floor: float = 0.01):
+                 meta_lr_floor: float = 0.01, meta_betas: tuple[float, float] = (0.9, 0.97)):
         if method not in METHODS:
             raise HyperparameterError(f"method={method!r} is not one of {METHODS}")
         if meta_optimizer not in META_OPTIMIZERS:
@@ -116,13 +124,16 @@ class OnlineTuner:
                            max_rollbacks=max_rollbacks, backtrack=tuple(backtrack),
                            compile=compile, uoro_samples=uoro_samples,
                            uoro_blocks=uoro_blocks, uoro_centred=uoro_centred,
-                           noise_tolerance=noise_tolerance, meta_lr_floor=meta_lr_floor)
+                           noise_tolerance=noise_tolerance, meta_lr_floor=meta_lr_floor,
+                           meta_betas=tuple(meta_betas) if isinstance(meta_betas, (tuple, list))
+                           else meta_betas)
         self.horizon = horizon or 1000
         self.like = problem.real_hparams()
         bound = problem.bound
         self.meta = MetaOptimizer(
             flatten(bound.to_raw(self.like)), meta_optimizer, meta_lr, clip,
-            project=lambda raw: flatten(bound.project_raw(unflatten(raw, self.like))))
+            project=lambda raw: flatten(bound.project_raw(unflatten(raw, self.like))),
+            betas=meta_betas)
         self.guard = DivergenceGuard(spike_factor, trend_factor, giveback, snapshot_every,
                                      max_rollbacks, noise_tolerance, meta_lr_floor)
         self.state: InnerState = problem.init_state()
