@@ -45,6 +45,25 @@ def summary(records: list[dict], config: str, tasks: list[str]) -> str:
     return "\n".join(out)
 
 
+def markdown(records: list[dict], tasks: list[str], steps: int, note: str = "") -> str:
+    """A table: per config, per task the median / worst fraction and the median best val."""
+    configs = list(dict.fromkeys(r["config"] for r in records))
+    lines = [f"# OnlineTuner settings from a learning rate 100x too small ({steps} steps)", "",
+             "Per task: fraction of the run at which the validation loss first comes within 10% "
+             "of its best (median / worst over seeds), and the median best validation loss.",
+             *([note] if note else []), "", "| config | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for config in configs:
+        cells = []
+        for name in tasks:
+            runs = [r for r in records if r["config"] == config and r["task"] == name]
+            frac = [r["within_10pct_at"] for r in runs]
+            cells.append(f"{statistics.median(frac):.2f} / {max(frac):.2f} "
+                         f"({statistics.median(r['best_val'] for r in runs):.4f}, "
+                         f"{len(runs)} seeds)" if runs else "")
+        lines.append(f"| {config or 'defaults'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", nargs="+", default=TASKS)
@@ -55,8 +74,17 @@ def main(argv=None):
                     help="initial learning rates as multiples of each task's default")
     ap.add_argument("--configs", nargs="+", default=CONFIGS)
     ap.add_argument("--out", default="benchmarks/results/oho_defaults.json")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="merge the records of earlier sweeps into --out and its .md table")
+    ap.add_argument("--note", default="", help="a line for the .md table (what the sweep ran on)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.merge:
+        records = [r for f in args.merge for r in json.loads(Path(f).read_text())["records"]]
+        Path(args.out).write_text(json.dumps({"args": vars(args), "records": records}))
+        Path(args.out).with_suffix(".md").write_text(markdown(records, args.tasks, args.steps,
+                                                                   args.note))
+        return 0
     settings = {c: parse_settings([kv for kv in c.split(",") if kv]) for c in args.configs}
     records = []
     out = Path(args.out)
