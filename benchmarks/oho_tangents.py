@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{statistics.mean(v.get('sign_agreement', math.nan) for v in sel):.3f} |")
     lines += ["", f"## OnlineTuner runs ({args.steps} steps, medians over seeds; val loss also "
                   "as a ratio to exact's median)", "",
+              "Seconds are wall times of whole runs, which may have shared the machine with "
+              "other work: the step costs below are the comparable ones.", "",
               "| task | tangent | seeds | val loss | / exact | test loss | seconds | / exact |",
               "|---|---|---|---|---|---|---|---|"]
     for name in args.tasks:
