@@ -216,3 +216,57 @@ def test_stn_trainer_saves_on_sigint_and_resumes_bit_identically(tmp_path):
     assert resumed.t == 7
     resumed.run(12)
     assert full.hparams == resumed.hparams and full.history == resumed.history
+
+
+GRADIENT = textwrap.dedent("""
+    task = "cancer_logreg"
+    steps = 40
+    seeds = [0, 1]
+    [budget]
+    trials = 1
+    [[methods]]
+    label = "oho"
+    kind = "oho"
+    settings = {eval_every = 10}
+""")
+# the child SIGKILLs itself inside (oho, seed 0) while saving the checkpoint of step 20, after
+# that step's record went to metrics.jsonl: the newest checkpoint is step 10's
+_DIE_IN_CHECKPOINT = """
+import json, os, signal, sys
+from hyperdescent.cli import main
+from hyperdescent.experiment import run_checkpoint
+real = run_checkpoint.DirCheckpoint.save
+def dying(self, directory):
+    if json.loads((directory / run_checkpoint.RUNNER_FILE).read_text())["step"] == 20:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, directory)
+run_checkpoint.DirCheckpoint.save = dying
+sys.exit(main(["compare", sys.argv[1], "--out", sys.argv[2], "--no-progress"]))
+"""
+
+
+def test_a_killed_gradient_run_continues_from_its_checkpoint(tmp_path):
+    from hyperdescent.experiment.run_checkpoint import run_checkpoint_dir
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(GRADIENT)
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", _DIE_IN_CHECKPOINT, str(cfg), str(out)],
+                          capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    before = read_records(out / "metrics.jsonl")
+    assert [r["step"] for r in before if r.get("kind") == "oho_step"] == [0, 10, 20]
+    assert run_checkpoint_dir(out, 0, "oho", 0).is_dir()
+
+    assert main(["compare", str(cfg), "--resume", str(out), "--no-progress"]) == 0
+    after = read_records(out / "metrics.jsonl")
+    assert after[:3] == before[:3]  # run_start and the records of steps 0 and 10 are kept
+    assert not (out / "checkpoints" / "0-oho-seed0").exists()  # removed once finished
+    assert main(["compare", str(cfg), "--out", str(tmp_path / "whole"), "--no-progress"]) == 0
+    whole = read_records(tmp_path / "whole" / "metrics.jsonl")
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("elapsed_s", "time")}  # noqa: E731
+                        for r in rs if "method" in r]
+    # step 20's record is written once, from the resumed run, and everything equals the
+    # uninterrupted run's records (the tuner resumes bit for bit; steps charged once)
+    assert strip(after) == strip(whole)
+    ends = [r for r in after if r.get("kind") == "run_end"]
+    assert [r["inner_steps"] for r in ends] == [40, 40]

@@ -29,7 +29,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..tasks.base import Task
 from .config import Config, Method
-from .run_checkpoint import is_run_checkpoint, read_runner
+from .run_checkpoint import DirCheckpoint, is_run_checkpoint, read_runner, run_checkpoint_dir
 from .runners import _describe, build_space, record_trial, resolve_steps, resumable, run_method
 
 Log = Callable[[dict[str, Any]], None]
@@ -41,12 +41,18 @@ def run_all(task: Task, cfg: Config, log: Log, callbacks: Sequence = (),
             done: set[tuple[str, int]] = frozenset(), run_dir: str | Path | None = None) -> None:
     """Every method x seed of `cfg` on its executor, records through `log`; the (label, seed)
     runs in `done` (finished before an interruption) are not run again; locally, black-box
-    runs keep (and continue) their studies in `run_dir`."""
+    runs keep (and continue) their studies in `run_dir`, and gradient runs of the kinds that
+    can (runners.resumable) their last checkpoint, removed once the run has finished."""
     if cfg.executor == "local":
-        for m in cfg.methods:
+        for i, m in enumerate(cfg.methods):
             for seed in cfg.seeds:
-                if (m.label, seed) not in done:
-                    run_method(task, cfg, m, seed, log, run_dir=run_dir)
+                if (m.label, seed) in done:
+                    continue
+                ck = (DirCheckpoint(run_checkpoint_dir(run_dir, i, m.label, seed))
+                      if run_dir is not None and resumable(m) else None)
+                run_method(task, cfg, m, seed, log, checkpoint=ck, run_dir=run_dir)
+                if ck is not None:
+                    ck.clear()
         return
     if done:
         raise ConfigError("resuming a compare run with executor = 'ray' is not supported yet; "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,6 +23,14 @@ from ..errors import InputTypeError
 
 TUNER_FILE = "tuner.pt"
 RUNNER_FILE = "runner.json"
+CHECKPOINTS = "checkpoints"
+
+
+def run_checkpoint_dir(run_dir: str | os.PathLike, index: int, label: str, seed: int) -> Path:
+    """Where a local compare keeps the checkpoint of method number `index` (labelled `label`)
+    for `seed`: one directory per run under the run directory's checkpoints/."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "method"
+    return Path(run_dir) / CHECKPOINTS / f"{index}-{slug}-seed{seed}"
 
 
 class RunCheckpoint(Protocol):
@@ -63,6 +72,11 @@ class DirCheckpoint:
             if is_run_checkpoint(d):
                 return d
         return None
+
+    def clear(self) -> None:
+        """Remove the checkpoint (and a previous one left by a kill): the run has finished."""
+        for d in (self.path, self.path.with_name(self.path.name + ".old")):
+            shutil.rmtree(d, ignore_errors=True)
 
     def save(self, directory: Path) -> None:
         """Copy `directory` in, replacing the previous checkpoint."""

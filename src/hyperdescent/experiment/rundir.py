@@ -62,6 +62,22 @@ def _continues(cfg: Config, method) -> bool:
     return cfg.executor == "local" and not method.gradient and method.kind != "pbt"
 
 
+def _checkpointed(path: Path, cfg: Config) -> dict[tuple[str, int], int]:
+    """The local gradient runs that left a checkpoint in run directory `path`: (label, seed) ->
+    the inner step of the last evaluation it holds (later records are written again)."""
+    from .run_checkpoint import DirCheckpoint, read_runner, run_checkpoint_dir
+    from .runners import resumable
+    out = {}
+    for i, m in enumerate(cfg.methods):
+        if cfg.executor != "local" or not resumable(m):
+            continue
+        for s in cfg.seeds:
+            d = DirCheckpoint(run_checkpoint_dir(path, i, m.label, s)).latest()
+            if d is not None:
+                out[(m.label, s)] = read_runner(d)["state"]["last_logged"]
+    return out
+
+
 class RunDir:
     """One run's directory: config.toml at the start, metrics.jsonl as it goes, summary.json at the end."""
 
@@ -99,7 +115,8 @@ class RunDir:
         was started with): (the directory, the (method, seed) runs that finished). Records of
         runs that did not finish are dropped (atomically), so that their rerun writes each
         record exactly once, except those of local black-box runs, which continue their
-        studies and record only the trials still missing."""
+        studies and record only the trials still missing, and those of local gradient runs
+        up to the checkpoint they resume from."""
         path = Path(path)
         if not (path / CONFIG).is_file():
             raise ConfigError(f"--resume {str(path)!r} is not a run directory (no {CONFIG})")
@@ -111,8 +128,10 @@ class RunDir:
         from ..blackbox.resume import study_file  # optuna, only when resuming
         going_on = {(m.label, s) for i, m in enumerate(cfg.methods) if _continues(cfg, m)
                     for s in cfg.seeds if study_file(path, i, m.label, s).is_file()}
+        resumed = {k: v for k, v in _checkpointed(path, cfg).items() if k not in done}
         keep = [r for r in records if "method" not in r
-                or (r["method"], r.get("seed")) in done | going_on]
+                or (r["method"], r.get("seed")) in done | going_on
+                or r.get("inner_steps", -1) <= resumed.get((r["method"], r.get("seed")), -2)]
         rd = cls(path)
         if is_writer() and len(keep) != len(records):
             tmp = path / f".{METRICS}.tmp"
