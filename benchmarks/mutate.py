@@ -29,8 +29,11 @@ NO_MATCH = "no_mutant_matches_this_name"
 def mutmut(*args: str, check: bool = True) -> str:
     """stdout of one mutmut command, run with this interpreter's mutmut."""
     exe = Path(sys.executable).with_name("mutmut")
-    return subprocess.run([str(exe), *args], capture_output=True, text=True,
-                          check=check).stdout
+    done = subprocess.run([str(exe), *args], capture_output=True, text=True, check=check)
+    if args[:1] == ("run",):  # kept: a failing clean test run is only visible here
+        with open("mutmut-run.log", "a") as f:
+            f.write(f"$ mutmut {' '.join(args[:3])} ...\n{done.stdout}\n{done.stderr}\n")
+    return done.stdout
 
 
 def statuses() -> dict[str, str]:
