@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.datasets import load_breast_cancer, load_digits
 from torch import nn
 
 from .base import Task
@@ -28,6 +27,7 @@ def _tabular(name: str, x: np.ndarray, y: np.ndarray, sizes: tuple[int, int, int
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:
     """The 1797 8x8 digits as (1797, 64) inputs in [0, 1] and int labels."""
+    from sklearn.datasets import load_digits  # scikit-learn only when a task is built
     d = load_digits()
     return d.data.astype(np.float64) / 16.0, d.target.astype(np.int64)
 
@@ -48,6 +48,7 @@ def digits_logreg(seed: int = 0, **_) -> Task:
 
 def cancer_logreg(seed: int = 0, **_) -> Task:
     """Breast cancer (569 x 30, 2 classes; 341/114/114 split by seed), logistic regression."""
+    from sklearn.datasets import load_breast_cancer
     d = load_breast_cancer()
     x, y = d.data.astype(np.float64), d.target.astype(np.int64)
     return _tabular("cancer_logreg", x, y, (341, 114, 114), seed, lambda: nn.Linear(30, 2),
