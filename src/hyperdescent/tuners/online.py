@@ -56,15 +56,15 @@ class OnlineTuner:
     "greedy" (tangent reset every step: one-step lookahead) or "truncated" (backprop through
     the last `window` steps, all replayed at the current values). Meta-steps are taken in raw
     coordinates (log / logit), so values never leave their bounds. The defaults (meta_lr 0.03,
-    tangent reset every 200 steps, meta-Adam betas (0.9, 0.97)) come from
+    tangent reset every 50 steps, meta-Adam betas (0.9, 0.97)) come from
     benchmarks/oho_defaults.py, which starts every bundled task from a learning rate 100x too
-    small: hypergradients shrink by orders of magnitude as training settles, and Adam's usual
-    beta2 0.999 remembers the early large ones, so its steps shrank and the learning rate
-    crawled; beta2 0.97 forgets them in tens of steps, and a tangent reset only every 200 steps
-    holds off the short-horizon bias toward too small a learning rate (Wu et al. 2018,
-    "Understanding short-horizon bias in stochastic meta-optimization"), which with a short
-    beta2 and resets every 50 steps drove the learning rate down 50x on mnist1d_mlp
-    (benchmarks/results/oho_recovery.md). `reset_every` applies to the forward
+    small (benchmarks/results/oho_defaults_recovery.md, oho_recovery.md): hypergradients
+    shrink by orders of magnitude as training settles, and Adam's usual beta2 0.999 remembers
+    the early large ones, so its steps shrank and the learning rate crawled (on cancer_logreg
+    the validation loss came within 10% of its best only at 0.84 of the run); beta2 0.97
+    forgets them in tens of steps. Longer tangent horizons (reset every 100 or 200 steps, or
+    never) recovered faster from lr/100 but diverged or failed to recover from lr x 10 on
+    digits_mlp (benchmarks/oho_experiments.py perturbation). `reset_every` applies to the forward
     tangent only. `history` holds one record per inner step (train loss,
     hyperparameters used, tangent norm, wall time) with the validation loss, the hypergradient
     (natural units) and its raw-coordinate norm on meta-steps, which are every step by
@@ -77,7 +77,7 @@ class OnlineTuner:
     """
 
     def __init__(self, problem: Problem, method: str = "forward", meta_optimizer: str = "adam",
-                 meta_lr: float = 0.03, hyper_every: int = 1, reset_every: int | None = 200,
+                 meta_lr: float = 0.03, hyper_every: int = 1, reset_every: int | None = 50,
                  tune_on: str = "val", clip: float | None = 1.0, tangent: str = "exact",
                  window: int = 10, horizon: int | None = None, spike_factor: float = 3.0,
                  trend_factor: float = 1.2, giveback: float = 0.3,
