@@ -131,7 +131,8 @@ class ReversibleEngine:
 
     The carry holds the fixed-point weights and velocities, their float value, the buffer
     object (its tape is a stack written in place: copying it each step would cost O(T^2)),
-    the step count and the start; `reset` makes the current state the new start.
+    the step count and the start; `reset` makes the current state the new start, and
+    `readout`, which consumes the buffer, leaves the carry at that start.
     """
 
     def __init__(self, problem: Problem, horizon: int, values: dict, *,
@@ -324,7 +325,9 @@ class ReversibleEngine:
             # with "train_inputs" in the space the model reads those, not the data tensor
             self.stats["train_inputs_grad"] = grads["train_inputs"].clone() \
                 if "train_inputs" in grads else dx
-        carry.update(theta=theta, v=v)
+        # the reversal consumed the buffer: the carry is left at its start, where steps may
+        # begin again (the one engine whose readout writes its carry)
+        carry.update(theta=theta, v=v, theta_f=sgd.weights(theta), t=t0, leaves=[])
         return float(value), grads
 
 
