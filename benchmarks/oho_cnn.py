@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slow-reps", type=int, default=None,
                     help="repetitions for the per-layer exact tangent and its irreducible cost "
                          "(default: --reps); its first step is the warm-up")
+    ap.add_argument("--variants", nargs="+", metavar="TEXT",
+                    help="only the variants whose label holds one of these texts (the rows of "
+                         "the others already in the results file are kept)")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
     import hyperdescent as hd
@@ -188,11 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     old = out / "oho_cnn.json"
     kept = json.loads(old.read_text()) if old.exists() else {"meta": {}, "rows": []}
-    rows = [r for r in kept["rows"] if r["model"] not in names]
+
+    def chosen(label: str) -> bool:
+        return not args.variants or any(v in label for v in args.variants)
+
+    rows = [r for r in kept["rows"] if r["model"] not in names or not chosen(r["variant"])]
     meta = kept.get("meta", {})
     if "batch" in meta:  # a file of one model, written before results were kept per model
         meta = {"cnn": {"slow_reps": meta["reps"], **meta}}
-    meta = {k: v for k, v in meta.items() if k not in names}
+    meta = {k: v for k, v in meta.items() if k not in names or args.variants}
     for name in names:
         make = MODELS[name]
         plain = plain_step(make, batch)
@@ -203,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         slow = {f"per-layer lr exact ({cols} columns)",
                 f"irreducible exact: gradient with graph + {cols} HVPs"}
         for label, build in variants.items():
+            if not chosen(label):
+                continue
             n = slow_reps if label in slow else reps
             sec, ratio, base = _paired(plain, build(), n,
                                        warm=not (label in slow and slow_reps < reps))
@@ -210,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                          "plain_step_s": base, "reps": n})
             print(f"{name:9s} {label:50s} {sec * 1e3:9.1f} ms  {ratio:6.2f}x plain",
                   flush=True)
-        meta[name] = {"batch": batch, "reps": reps, "slow_reps": slow_reps, "threads": 1,
+        meta[name if not args.variants else f"{name}: {', '.join(args.variants)}"] = {
+            "batch": batch, "reps": reps, "slow_reps": slow_reps, "threads": 1,
                       "device": "cpu", "command": "python benchmarks/oho_cnn.py "
                       + " ".join(sys.argv[1:] if argv is None else argv)}
     out.mkdir(parents=True, exist_ok=True)
