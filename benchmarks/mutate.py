@@ -7,6 +7,7 @@ run; "no tests" counts as survived), the score per module, and every survivor's 
 
     python benchmarks/mutate.py [--sample N] [--seed S] [--children K] [--out FILE]
     python benchmarks/mutate.py --names FILE   # run only these mutants (earlier survivors)
+    python benchmarks/mutate.py --sample N --seed S --seed2 S2 --sample2 N2   # two samples
     python benchmarks/mutate.py --report-only --names FILE   # report on a finished run
 """
 
@@ -61,13 +62,16 @@ def run(sample: int, seed: int, children: int, names: list[str] | None = None
     # generate the mutants and the test statistics without running any mutant
     mutmut("run", "--max-children", str(children), NO_MATCH, check=False)
     every = sorted(statuses())
-    if names is not None:
-        chosen = sorted(set(names) & set(every))
-    else:
-        random.Random(seed).shuffle(every)
-        chosen = sorted(every[:sample])
+    chosen = sorted(set(names) & set(every)) if names is not None else draw(every, sample, seed)
     mutmut("run", "--max-children", str(children), *chosen, check=False)
     return chosen
+
+
+def draw(every: list[str], sample: int, seed: int) -> list[str]:
+    """The seeded uniform sample of `sample` mutant names."""
+    every = sorted(every)
+    random.Random(seed).shuffle(every)
+    return sorted(every[:sample])
 
 
 def report(out_path: str, names: list[str] | None, note: str = "") -> None:
@@ -124,10 +128,23 @@ def main() -> None:
     ap.add_argument("--names", help="file of mutant names (one a line) to run, or with "
                     "--report-only to report on")
     ap.add_argument("--note", default="")
+    ap.add_argument("--seed2", type=int, help="also run a second sample with this seed")
+    ap.add_argument("--sample2", type=int, default=100)
+    ap.add_argument("--out2", default="benchmarks/results/mutation_seed2.md")
     a = ap.parse_args()
     names = None
     if a.names:
         names = Path(a.names).read_text().split()
+    if a.seed2 is not None and not a.report_only:
+        # a second seeded sample from the same generation and test statistics: both run in
+        # one mutmut pass (the statistics, a whole run of the test selection, are paid once)
+        mutmut("run", "--max-children", str(a.children), NO_MATCH, check=False)
+        every = sorted(statuses())
+        first, second = draw(every, a.sample, a.seed), draw(every, a.sample2, a.seed2)
+        run(0, 0, a.children, sorted(set(first) | set(second)))
+        report(a.out, first, a.note)
+        report(a.out2, second, f"{a.note} Second sample: seed {a.seed2}.")
+        return
     if not a.report_only:
         names = run(a.sample, a.seed, a.children, names)
     report(a.out, names, a.note)
