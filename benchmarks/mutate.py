@@ -141,7 +141,8 @@ def main() -> None:
         mutmut("run", "--max-children", str(a.children), NO_MATCH, check=False)
         every = sorted(statuses())
         first, second = draw(every, a.sample, a.seed), draw(every, a.sample2, a.seed2)
-        run(0, 0, a.children, sorted(set(first) | set(second)))
+        mutmut("run", "--max-children", str(a.children), *sorted(set(first) | set(second)),
+               check=False)
         report(a.out, first, a.note)
         report(a.out2, second, f"{a.note} Second sample: seed {a.seed2}.")
         return
