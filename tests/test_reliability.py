@@ -243,7 +243,9 @@ def test_the_guard_leaves_tuning_on_a_noisy_regression_loss_alone():
     guarded = hd.OnlineTuner(noisy_regression()).run(250)
     assert guarded.rollbacks == 0 and not guarded.events
     assert guarded.meta_lr == 0.03
-    assert guarded.hparams["lr"].item() != pytest.approx(1e-3, rel=0.05)  # it did tune
+    # it did tune: lr went well away from its start (where it ends is the noise's business)
+    moved = max(abs(math.log(float(r["hparams"]["lr"]) / 1e-3)) for r in guarded.history)
+    assert moved > math.log(1.5)
     blind = hd.OnlineTuner(noisy_regression(), noise_tolerance=0.0).run(250)
     assert blind.rollbacks == 20
     floor = [e for e in blind.events if e["event"] == "meta_lr_floor"]
