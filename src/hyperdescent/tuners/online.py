@@ -61,8 +61,8 @@ class OnlineTuner:
     small (benchmarks/results/oho_defaults_recovery.md, oho_recovery.md): hypergradients
     shrink by orders of magnitude as training settles, and Adam's usual beta2 0.999 remembers
     the early large ones, so its steps shrank and the learning rate crawled (on cancer_logreg
-    the validation loss came within 10% of its best only at 0.84 of the run); beta2 0.97
-    forgets them in tens of steps. Longer tangent horizons (reset every 100 or 200 steps, or
+    the validation loss came within 10% of its best only at 0.84 of a 1500-step run); beta2
+    0.97 forgets them in tens of steps (0.39 there). Longer tangent horizons (reset every 100 or 200 steps, or
     never) recovered faster from lr/100 but diverged or failed to recover from lr x 10 on
     digits_mlp (benchmarks/oho_experiments.py perturbation). `reset_every` applies to the forward
     tangent only. `history` holds one record per inner step (train loss,
