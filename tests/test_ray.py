@@ -159,3 +159,34 @@ def test_pbt_baseline_explores_and_exploits_under_the_inner_step_budget(local_ra
             assert space[name].low <= v <= space[name].high
     assert end["best_val_loss"] == min(r["val_loss"] for r in steps)
     assert (path / "pbt_schedule.png").exists()
+
+
+def test_a_killed_ray_compare_resumes_its_unfinished_runs_only(local_ray, tmp_path):
+    """--resume under executor = 'ray': finished (method, seed) runs are kept as written, an
+    unfinished one (here: the driver died before random's run_end) runs again from its seed."""
+    cfg = validate_config({**BASE, "executor": "ray",
+                           "methods": [BASE["methods"][0], BASE["methods"][1]]})
+    path = compare(cfg, out=tmp_path / "r", progress=False)
+    before = read_records(path / "metrics.jsonl")
+    lines = (path / "metrics.jsonl").read_text().splitlines(keepends=True)
+    cut = next(i for i, r in enumerate(before) if r.get("kind") == "trial")
+    # as if killed after random's first trial record: its later trials and run_end are gone
+    kept = [line for i, (line, r) in enumerate(zip(lines, before))
+            if r.get("method") != "random" or i <= cut]
+    (path / "metrics.jsonl").write_text("".join(kept))
+    (path / "summary.json").unlink()
+    again = compare(cfg, progress=False, resume=path)
+    after = read_records(again / "metrics.jsonl")
+    assert _by(after, None, "OHO") == _by(before, None, "OHO")  # not rerun
+    strip = ("elapsed_s", "time", "trial_wall_s")
+    rerun = [{k: v for k, v in r.items() if k not in strip} for r in _by(after, None, "random")]
+    first = [{k: v for k, v in r.items() if k not in strip} for r in _by(before, None, "random")]
+    assert [r["kind"] for r in rerun].count("run_start") == 1  # the partial run's records went
+    assert sorted(r["trial"] for r in rerun if r["kind"] == "trial") == [0, 1, 2, 3]
+    # seeded: the rerun proposes and scores what the killed run did
+    key = lambda r: r["trial"]  # noqa: E731
+    for a, b in zip(sorted([r for r in rerun if r["kind"] == "trial"], key=key),
+                    sorted([r for r in first if r["kind"] == "trial"], key=key)):
+        assert a["params"] == pytest.approx(b["params"], rel=1e-12)
+        assert a["value"] == pytest.approx(b["value"], rel=1e-9)
+    assert (again / "summary.json").is_file()

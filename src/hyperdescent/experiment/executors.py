@@ -54,10 +54,7 @@ def run_all(task: Task, cfg: Config, log: Log, callbacks: Sequence = (),
                 if ck is not None:
                     ck.clear()
         return
-    if done:
-        raise ConfigError("resuming a compare run with executor = 'ray' is not supported yet; "
-                          "resume it with executor = 'local', or start it again")
-    RayExecutor(cfg, callbacks).run(task, log)
+    RayExecutor(cfg, callbacks).run(task, log, done=done)
 
 
 def require_ray():
@@ -244,12 +241,15 @@ class RayExecutor:
             return opts.max_concurrent
         return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
-    def run(self, task: Task, log: Log) -> None:
+    def run(self, task: Task, log: Log, done: set[tuple[str, int]] = frozenset()) -> None:
+        """Every (method, seed) of the config not in `done` (finished before the driver was
+        killed; an unfinished one starts again from its seed: RunDir.reopen dropped its records)."""
         from ray import tune
         init_ray(self.cfg)
         cfg_dict = self.cfg.model_dump(mode="json")
         storage = tempfile.mkdtemp(prefix="hd-ray-")
-        whole = [(m, s) for m in self.cfg.methods for s in self.cfg.seeds if m.gradient]
+        whole = [(m, s) for m in self.cfg.methods for s in self.cfg.seeds
+                 if m.gradient and (m.label, s) not in done]
         if whole:
             grid = [{"label": m.label, "seed": s} for m, s in whole]
             tuner = tune.Tuner(
@@ -260,6 +260,8 @@ class RayExecutor:
             _check(tuner.fit())
         for m in self.cfg.methods:
             for seed in self.cfg.seeds:
+                if (m.label, seed) in done:
+                    continue
                 if m.kind == "pbt":  # a Tuner of its own, driven from here
                     run_method(task, cfg=self.cfg, method=m, seed=seed, log=log)
                 elif not m.gradient:
