@@ -118,3 +118,10 @@ def test_methods_that_replay_refuse_a_streaming_training_set():
         with pytest.raises(hd.DataError, match=f"'{method}'"):
             hd.hypergrad(p, 3, method)
     assert math.isfinite(hd.hypergrad(p, 3, "forward").value)
+
+
+def test_an_unknown_option_lists_the_options_the_method_takes():
+    with pytest.raises(hd.HyperparameterError, match=r"unknown option\(s\) \['windw'\].*clamp_grad"):
+        hd.hypergrad(_problem(), 3, "forward", windw=2)
+    with pytest.raises(hd.HyperparameterError, match="takes no options"):
+        hd.hypergrad(_problem(), 3, "greedy", window=2)

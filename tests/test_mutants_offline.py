@@ -3,6 +3,8 @@ space, the clamps reaching the hypergradient, the outer step's projection and re
 divergence threshold relative to the first meta-step, a callable fresh_init, streaming data,
 and the step_decay check."""
 
+import math
+
 import pytest
 import torch
 from helpers import data, mlp
@@ -206,3 +208,40 @@ def test_retrain_with_the_best_values_is_not_a_retrain_with_the_last():
     m = min(range(2), key=lambda i: off.history[i]["val_loss"])
     assert torch.allclose(best["lr"], torch.tensor(off.history[m]["hparams"]["lr"],
                                                    dtype=torch.float64), rtol=0, atol=0)
+
+
+def test_the_seed_given_sets_the_meta_steps_seeds():
+    a = OfflineTuner(_problem(_space()), steps=4, seed=5)
+    b = OfflineTuner(_problem(_space()), steps=4)
+    assert a.config["seed"] == 5 and b.config["seed"] == 3  # the problem's seed
+    assert a.meta_seed(0) != b.meta_seed(0)
+    assert a.meta_seed(0) == OfflineTuner(_problem(_space()), steps=4, seed=5).meta_seed(0)
+
+
+def test_the_record_holds_the_hypergradients_cost():
+    rec = OfflineTuner(_problem(_space()), steps=4).step()
+    assert isinstance(rec["hypergrad_wall_s"], float) and rec["hypergrad_wall_s"] > 0
+    assert rec["hvps"] > 0 and rec["inner_steps"] == 4
+
+
+def test_an_unbounded_hyperparameter_gets_a_tenth_of_its_start_as_step_size():
+    reg = lambda params, hp: hp["l2"] * sum((w ** 2).sum() for w in params.values())  # noqa: E731
+    space = hd.Space({"lr": hd.Real(0.1, low=0.0, high=1.0),
+                      "l2": hd.Real(0.5, low=0.0, high=math.inf)})
+    off = OfflineTuner(_problem(space, regularizer=reg), steps=4)
+    assert off.meta.step_sizes["l2"].item() == pytest.approx(0.05, rel=1e-12)
+    assert off.meta.step_sizes["lr"].item() == pytest.approx(0.1, rel=1e-12)
+
+
+def test_a_zero_gradient_after_a_negative_one_does_not_halve_the_step():
+    rule = HalvingSign({"x": torch.tensor([0.4])})
+    v = rule.step({"x": torch.zeros(1)}, {"x": torch.tensor([-1.0])})
+    rule.step(v, {"x": torch.tensor([0.0])})
+    assert torch.equal(rule.step_sizes["x"], torch.tensor([0.4]))
+
+
+def test_an_int_in_the_space_is_refused_naming_the_offline_method():
+    space = hd.Space({"lr": hd.Real(0.1, low=0.0, high=1.0), "width": hd.Int(4, low=2, high=8)})
+    p = _problem(space, regularizer=lambda prm, hp: 0.0)
+    with pytest.raises(hd.HyperparameterError, match=r"OfflineTuner\(method='fds'\)"):
+        OfflineTuner(p, steps=4)

@@ -208,3 +208,29 @@ def test_a_space_with_an_int_is_refused_naming_the_tuner():
                    val=(x[:20], y[:20]), batch_size=16, regularizer=lambda prm, hp: 0.0)
     with pytest.raises(hd.HyperparameterError, match=r"OnlineTuner\(method='greedy'\)"):
         hd.OnlineTuner(p, method="greedy")
+
+
+def test_tune_on_train_and_meta_betas_are_accepted_and_kept():
+    tuner = hd.OnlineTuner(_problem(), tune_on="train", meta_betas=[0.9, 0.97], meta_lr=0.1)
+    assert tuner.config["tune_on"] == "train" and tuner.config["meta_betas"] == (0.9, 0.97)
+    rec = tuner.step()
+    p = tuner.problem
+    want = p.val_loss(tuner.state.params, tuner.state.buffers, p.train_batch(1))
+    assert rec["val_loss"] == pytest.approx(want.item(), rel=1e-12)  # tuned on train batch 1
+
+
+def test_the_inner_state_counts_the_steps_taken():
+    tuner = hd.OnlineTuner(_problem(), meta_lr=0.1).run(3)
+    assert tuner.state.t == tuner.t == 3
+
+
+def test_a_skipped_step_that_is_due_takes_a_snapshot_of_the_restored_state():
+    tuner = hd.OnlineTuner(_problem(), meta_lr=0.1, snapshot_every=2)
+    tuner.step()
+    x, y = tuner.problem.train_batch(1)
+    x = x.clone()
+    x[0, 0] = math.nan
+    tuner.step(batch=(x, y))  # skipped, and step count 2 is due
+    snap = tuner.guard._snapshots[-1]["record"]
+    assert snap["t"] == 2 and torch.equal(snap["state"]["params"]["0.weight"],
+                                          tuner.state.params["0.weight"])
