@@ -234,3 +234,15 @@ def test_a_skipped_step_that_is_due_takes_a_snapshot_of_the_restored_state():
     snap = tuner.guard._snapshots[-1]["record"]
     assert snap["t"] == 2 and torch.equal(snap["state"]["params"]["0.weight"],
                                           tuner.state.params["0.weight"])
+
+
+def test_the_meta_lr_floor_event_counts_the_rollbacks_so_far():
+    loss = InfAt(5)
+    p = _problem(loss)
+    loss.model = p.model
+    tuner = hd.OnlineTuner(p, meta_lr=0.1, snapshot_every=2, meta_lr_floor=1.0)
+    while len(tuner.events) < 2:
+        loss.t = tuner.t
+        tuner.step()
+    assert tuner.events[1] == {"step": 5, "event": "meta_lr_floor", "meta_lr": 0.1,
+                               "rollbacks": 1}
