@@ -52,3 +52,15 @@ def test_the_stats_report_the_fixed_point_radixes_used():
     wide = hd.hypergrad(_problem(), 3, "reversible", headroom_bits=16).stats
     assert [r - 8 for r in st["theta_radix"]] == wide["theta_radix"]
     assert [r - 8 for r in st["velocity_radix"]] == wide["velocity_radix"]
+
+
+def test_the_stats_name_the_method_its_momentum_grid_products_and_buffer():
+    p = _problem()
+    st = hd.hypergrad(p, 3, "reversible").stats
+    lanes = sum(q.numel() for q in p.model.parameters())
+    assert st["method"] == "reversible" and st["steps"] == 3
+    assert st["momentum_denom"] == 2 ** 16 and st["momentum_used"] == 0.5
+    assert st["hvps"] == 2  # one Hessian-vector product a reversed step but the first
+    # at least one 64-bit head a lane, plus the words pushed
+    assert st["buffer_peak_mb"] >= 64 * lanes / 8 / 2 ** 20
+    assert st["buffer_bits"] > 0 and st["reversal_exact"]
