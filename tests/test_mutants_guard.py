@@ -62,3 +62,6 @@ def test_a_record_saved_before_the_noise_statistics_existed_still_loads():
     assert g.rollbacks == 2 and g.smooth == (1.0, 1.2, 0.9)
     assert g.last is None and list(g.diffs) == [] and g.count == 0 and g.best_sd == 1.0
     assert g.noise == 0.0
+    # and goes on judging: the first healthy loss after the load starts the differences
+    assert not g.diverged(10, 0.95) and g.last == 0.95 and list(g.diffs) == []
+    assert not g.diverged(11, 0.93) and list(g.diffs) == [pytest.approx(-0.02)]

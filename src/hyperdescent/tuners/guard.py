@@ -167,7 +167,8 @@ class DivergenceGuard:
             if ema + ema_noise <= best + best_noise:
                 best, self.best_sd = ema, ema_sd(self.count)
             self.smooth = (ema, first, best)
-            self.diffs.append(loss - self.last)
+            if self.last is not None:  # None in a record saved before the noise statistics
+                self.diffs.append(loss - self.last)
             self.last = loss
         return spiked
 
