@@ -31,6 +31,17 @@ def _runs(records):
     return [(r["method"], r["seed"]) for r in records if r.get("kind") == "run_end"]
 
 
+def _killed_compare(tmp_path, config: str, child: str):
+    """Run `child` (a compare that SIGKILLs itself) on `config`: (config path, run directory)."""
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(config)
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", child, str(cfg), str(out)],
+                          capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    return cfg, out
+
+
 KILLED = textwrap.dedent("""
     task = "cancer_logreg"
     steps = 40
@@ -71,12 +82,7 @@ def test_a_compare_killed_inside_a_study_continues_that_study(tmp_path):
     import optuna
 
     from hyperdescent.blackbox.resume import study_file
-    cfg = tmp_path / "cfg.toml"
-    cfg.write_text(KILLED)
-    out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-c", _DIE_IN_TRIAL, str(cfg), str(out)],
-                          capture_output=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    cfg, out = _killed_compare(tmp_path, KILLED, _DIE_IN_TRIAL)
     before = read_records(out / "metrics.jsonl")
     assert sorted(_runs(before)) == [("oho", 0), ("oho", 1)]
     trials = [r for r in before if r.get("kind") == "trial"]
@@ -247,12 +253,7 @@ sys.exit(main(["compare", sys.argv[1], "--out", sys.argv[2], "--no-progress"]))
 
 def test_a_killed_gradient_run_continues_from_its_checkpoint(tmp_path):
     from hyperdescent.experiment.run_checkpoint import run_checkpoint_dir
-    cfg = tmp_path / "cfg.toml"
-    cfg.write_text(GRADIENT)
-    out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-c", _DIE_IN_CHECKPOINT, str(cfg), str(out)],
-                          capture_output=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    cfg, out = _killed_compare(tmp_path, GRADIENT, _DIE_IN_CHECKPOINT)
     before = read_records(out / "metrics.jsonl")
     assert [r["step"] for r in before if r.get("kind") == "oho_step"] == [0, 10, 20]
     assert run_checkpoint_dir(out, 0, "oho", 0).is_dir()
