@@ -65,3 +65,25 @@ def test_a_record_saved_before_the_noise_statistics_existed_still_loads():
     # and goes on judging: the first healthy loss after the load starts the differences
     assert not g.diverged(10, 0.95) and g.last == 0.95 and list(g.diffs) == []
     assert not g.diverged(11, 0.93) and list(g.diffs) == [pytest.approx(-0.02)]
+
+
+def test_four_differences_are_enough_for_a_noise_estimate():
+    assert noise_sd([1.0, -1.0, 1.0, -1.0]) > 0.0
+
+
+def test_a_loaded_guard_keeps_its_noise_window_and_two_snapshots():
+    g = DivergenceGuard()
+    for t, loss in enumerate([1.0 + 0.01 * ((7 * i) % 5) for i in range(80)], 1):
+        assert not g.diverged(t, loss)
+    for i in range(3):
+        g.snapshot({"step": i})
+    sd = g.state_dict()
+    assert len(sd["diffs"]) == 50  # the window, not every difference seen
+    back = DivergenceGuard()
+    back.load_state_dict(sd)
+    assert list(back.diffs) == list(g.diffs) and back.noise == g.noise > 0
+    back.diffs.append(0.5)
+    assert len(back.diffs) == 50  # still a window of 50 after the load
+    for i in range(3, 5):  # two more snapshots push out the loaded ones: two are kept
+        back.snapshot({"step": i})
+    assert back.rollback() == {"step": 3}

@@ -246,3 +246,31 @@ def test_the_meta_lr_floor_event_counts_the_rollbacks_so_far():
         tuner.step()
     assert tuner.events[1] == {"step": 5, "event": "meta_lr_floor", "meta_lr": 0.1,
                                "rollbacks": 1}
+
+
+def test_a_horizon_of_one_step_is_accepted():
+    assert hd.OnlineTuner(_problem(), horizon=1).horizon == 1
+
+
+def test_a_saved_truncated_tuner_keeps_its_window(tmp_path):
+    tuner = hd.OnlineTuner(_problem(), method="truncated", window=3)
+    tuner.run(4)
+    tuner.save(tmp_path / "t.pt")
+    back = hd.OnlineTuner.load(tmp_path / "t.pt", _problem())
+    assert back.config["window"] == 3 and back.engine.window == 3
+    tuner.run(8)
+    back.run(8)
+    assert _same(tuner.state.params, back.state.params)
+
+
+def test_a_non_finite_hypergradient_is_skipped_with_its_reason():
+    p = _problem()
+    tuner = hd.OnlineTuner(p)
+    tuner.step()
+    raw = {k: v.clone() for k, v in tuner.raw.items()}
+    # a validation set whose loss is infinite: the meta-step of the next step is skipped
+    p.val_data.x[:] = math.inf
+    tuner.step()
+    skips = [e for e in tuner.events if e["event"] == "skipped_meta_step"]
+    assert skips and skips[0]["why"] == "non-finite hypergradient or validation loss"
+    assert all(torch.equal(raw[k], tuner.raw[k]) for k in raw)  # λ did not move
