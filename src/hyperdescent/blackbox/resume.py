@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,8 @@ from typing import Any
 import optuna
 from optuna.storages.journal import BaseJournalBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
+
+from ..experiment.run_checkpoint import run_stem
 
 STUDIES = "studies"
 RETRY_OF = "retry_of"  # user attribute of a queued rerun: the number of the killed trial
@@ -57,8 +58,7 @@ class RunJournal(BaseJournalBackend):
 def study_file(run_dir: str | Path, index: int, label: str, seed: int) -> Path:
     """The journal of method number `index` (labelled `label`) for `seed` in `run_dir`: one
     file per run, so each keeps the study name (hence Hyperband's brackets) of a run in memory."""
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "method"
-    return Path(run_dir) / STUDIES / f"{index}-{slug}-seed{seed}.journal"
+    return Path(run_dir) / STUDIES / f"{run_stem(index, label, seed)}.journal"
 
 
 def repair_journal(path: str | Path) -> None:

@@ -26,11 +26,17 @@ RUNNER_FILE = "runner.json"
 CHECKPOINTS = "checkpoints"
 
 
+def run_stem(index: int, label: str, seed: int) -> str:
+    """The file-name stem of method number `index` (labelled `label`) for `seed` in a run
+    directory, shared by its checkpoint and its study journal: the label made file-safe."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "method"
+    return f"{index}-{slug}-seed{seed}"
+
+
 def run_checkpoint_dir(run_dir: str | os.PathLike, index: int, label: str, seed: int) -> Path:
     """Where a local compare keeps the checkpoint of method number `index` (labelled `label`)
     for `seed`: one directory per run under the run directory's checkpoints/."""
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "method"
-    return Path(run_dir) / CHECKPOINTS / f"{index}-{slug}-seed{seed}"
+    return Path(run_dir) / CHECKPOINTS / run_stem(index, label, seed)
 
 
 class RunCheckpoint(Protocol):
