@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import HyperparameterError
-from ..hypergrad.forward import forward_engine
+from ..hypergrad.forward import check_hvp, forward_engine
 from ..hypergrad.truncated import TruncatedWindow, check_window
 from ..problem import InnerState, Problem
 from ..space import flatten, unflatten
@@ -52,7 +52,9 @@ class OnlineTuner:
     method: "forward" (exact RTRL tangent, OHO's `tangent="summed"` approximation, or
     `tangent="uoro"`, an unbiased rank-one estimate averaged over `uoro_samples`; unbiased
     variance reducers: `uoro_blocks="name"/"layer"`, and `uoro_centred=True`, which carries
-    each name's mean over layers exactly and estimates only the deviations from it),
+    each name's mean over layers exactly and estimates only the deviations from it;
+    `hvp="finite_difference"` / `"central_difference"`: its Hessian-vector products by
+    differences of gradients, an approximation),
     "greedy" (tangent reset every step: one-step lookahead) or "truncated" (backprop through
     the last `window` steps, all replayed at the current values). Meta-steps are taken in raw
     coordinates (log / logit), so values never leave their bounds. The defaults (meta_lr 0.03,
@@ -84,7 +86,7 @@ class OnlineTuner:
                  snapshot_every: int = 25, max_rollbacks: int = 20,
                  backtrack: tuple[str, ...] = ("lr",), compile: bool | dict = False,
                  uoro_samples: int = 1, uoro_blocks: str = "all", uoro_centred: bool = False,
-                 noise_tolerance: float = 4.0,
+                 hvp: str = "autodiff", noise_tolerance: float = 4.0,
                  meta_lr_floor: float = 0.01, meta_betas: tuple[float, float] = (0.9, 0.97)):
         if method not in METHODS:
             raise HyperparameterError(f"method={method!r} is not one of {METHODS}")
@@ -100,6 +102,10 @@ class OnlineTuner:
             _check_int("horizon", horizon, 1)
         if method == "truncated":
             check_window(window)
+        check_hvp(hvp)
+        if hvp != "autodiff" and method == "truncated":
+            raise HyperparameterError(f"hvp={hvp!r} is an option of the forward tangent, not of "
+                                      "method='truncated'")
         problem.bound.space.require_differentiable(f"OnlineTuner(method={method!r})")
         if not problem.bound.real_names():
             raise HyperparameterError("the problem's space has no Real hyperparameter to tune")
@@ -123,7 +129,7 @@ class OnlineTuner:
                            snapshot_every=snapshot_every,
                            max_rollbacks=max_rollbacks, backtrack=tuple(backtrack),
                            compile=compile, uoro_samples=uoro_samples,
-                           uoro_blocks=uoro_blocks, uoro_centred=uoro_centred,
+                           uoro_blocks=uoro_blocks, uoro_centred=uoro_centred, hvp=hvp,
                            noise_tolerance=noise_tolerance, meta_lr_floor=meta_lr_floor,
                            meta_betas=tuple(meta_betas) if isinstance(meta_betas, (tuple, list))
                            else meta_betas)
@@ -143,7 +149,7 @@ class OnlineTuner:
             self.engine = forward_engine(problem, self.horizon, tangent,
                                          compile=compile if method == "forward" else False,
                                          uoro_samples=uoro_samples, uoro_blocks=uoro_blocks,
-                                         uoro_centred=uoro_centred)
+                                         uoro_centred=uoro_centred, hvp=hvp)
         self.carry = self.engine.init()
         self.history: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
