@@ -7,10 +7,17 @@ is a Hessian-vector product by double backward (the cheapest mechanism measured 
 optimizer's elementwise update is differentiated by its exact hand-written tangent rule
 (`torch.func.jvp` for optimizers without one). Columns of
 `Piecewise` blocks that have not started are not computed.
+
+`hvp="finite_difference"` / `"central_difference"` replace the model's Hessian-vector products
+by differences of gradients (Liu, Simonyan & Yang 2019, "DARTS: Differentiable architecture
+search", Eq. 8), an approximation of the exact products of double backward (Pearlmutter 1994,
+"Fast exact multiplication by the Hessian"): H·v ≈ (∇L(θ+εv) − ∇L(θ))/ε, reusing the step's
+own gradient, or (∇L(θ+εv) − ∇L(θ−εv))/(2ε). See `finite_difference_hvp`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +97,79 @@ def summed_grouping(members: list[Column]) -> list[Tangent]:
 
 GROUPINGS = {"exact": exact_grouping, "summed": summed_grouping}
 
+#: how the model's Hessian-vector products are taken: double backward (exact), or one-sided /
+#: central differences of gradients (approximations; `finite_difference_hvp`)
+HVPS = ("autodiff", "finite_difference", "central_difference")
+
+
+def check_hvp(hvp) -> str:
+    """`hvp` if it is one of HVPS, else a HyperparameterError naming the input."""
+    if not isinstance(hvp, str) or hvp not in HVPS:
+        raise HyperparameterError(f"hvp={hvp!r} is not one of {HVPS}")
+    return hvp
+
+
+def fd_epsilon(params: dict[str, torch.Tensor], v: dict[str, torch.Tensor],
+               central: bool) -> float:
+    """The difference step ε = c·(1 + ‖θ‖)/‖v‖ of `finite_difference_hvp` (inf when v = 0)."""
+    # the usual rule for differences in floating point (Nocedal & Wright 2006, "Numerical
+    # optimization", Sec. 8.1): truncation error O(ε) (one-sided) or O(ε²) (central) against
+    # a rounding error O(u/ε) give c = sqrt(u) or cbrt(u), u the dtype's unit roundoff; the
+    # step is relative to the weights' size so that ε·v moves θ by about c of its norm
+    dtype = next(iter(params.values())).dtype
+    u = torch.finfo(dtype).eps
+    c = u ** (1 / 3) if central else u ** 0.5
+    theta = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach())
+                                                  for p in params.values()]))
+    vn = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in v.values()]))
+    vn = float(vn)
+    return math.inf if vn == 0 else c * (1 + float(theta)) / vn
+
+
+def rng_snapshot(device: torch.device):
+    """The generator states a training loss draws from (dropout): CPU, and the CUDA device's."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.random.get_rng_state(), cuda
+
+
+def finite_difference_hvp(problem: Problem, params: dict[str, torch.Tensor], buffers, batch,
+                          hp, v: dict[str, torch.Tensor], grad0: dict | None = None,
+                          central: bool = False, eps: float | None = None, rng=None
+                          ) -> dict[str, torch.Tensor] | None:
+    """H·v of the training loss at θ = `params` by a difference of gradients (an
+    approximation; None when v = 0): one-sided (∇L(θ+εv) − grad0)/ε with grad0 = ∇L(θ), or
+    central (∇L(θ+εv) − ∇L(θ−εv))/(2ε); ε by `fd_epsilon` unless given."""
+    if eps is None:
+        eps = fd_epsilon(params, v, central)
+    if not math.isfinite(eps):
+        return None
+    device = next(iter(params.values())).device
+
+    def grad_at(sign: float) -> dict[str, torch.Tensor | None]:
+        with torch.no_grad():
+            shifted = {n: (p.detach() + (sign * eps) * v[n]).requires_grad_(True)
+                       for n, p in params.items()}
+        # the same batch, and the dropout masks the step's own gradient drew: the generators
+        # restart where they were before it and are put back after; the updated BatchNorm
+        # statistics are dropped (train_loss works on copies of the buffers)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if rng is not None:
+                torch.random.set_rng_state(rng[0])
+                if rng[1] is not None:
+                    torch.cuda.set_rng_state(rng[1], device)
+            _, g, _, _ = problem.train_grad(shifted, buffers, batch, hp)
+        return g
+
+    plus = grad_at(1.0)
+    if central:
+        minus, scale = grad_at(-1.0), 1 / (2 * eps)
+    else:
+        if grad0 is None:
+            raise HyperparameterError("a one-sided difference needs grad0 = ∇L(θ)")
+        minus, scale = grad0, 1 / eps
+    return {n: None if plus[n] is None or minus[n] is None
+            else (plus[n] - minus[n].detach()) * scale for n in params}
+
 
 class ForwardTangent:
     """The forward engine: carries Z = ds/dλ alongside training.
@@ -103,12 +183,16 @@ class ForwardTangent:
     The columns are stacked: every tangent tensor has a leading dimension with one row per
     carried column, so the optimizer's tangent rule runs once per step for all columns (its
     elementwise ops broadcast over that dimension) instead of once per column.
+
+    `hvp` (one of HVPS) takes the model's Hessian-vector products by double backward
+    ("autodiff", exact) or by differences of gradients (an approximation, O(ε) one-sided or
+    O(ε²) central; `finite_difference_hvp`); mixed ∂²L/∂θ∂λ terms always take autodiff.
     """
 
     def __init__(self, problem: Problem, horizon: int, tangent="exact",
                  compile: bool | dict = False, clamp_grad: float | None = None,
                  clamp_hz: float | None = None, tangent_rule: bool = True,
-                 batched_rows: bool | None = None):
+                 batched_rows: bool | None = None, hvp: str = "autodiff"):
         grouping = GROUPINGS.get(tangent) if isinstance(tangent, str) else tangent
         if not callable(grouping):
             raise HyperparameterError(
@@ -142,6 +226,12 @@ class ForwardTangent:
             raise HyperparameterError("compile=True takes its gradient inside the compiled step, "
                                       "outside the all-reduce of distributed=True; use compile=False")
         self.clamp_grad, self.clamp_hz = clamp_grad, clamp_hz
+        self.hvp = check_hvp(hvp)
+        if compile and self.hvp != "autodiff":
+            raise HyperparameterError(f"hvp={hvp!r} is not supported with compile=True")
+        # with differences, the step's gradient needs a graph only for mixed ∂²L/∂θ∂λ terms:
+        # unknown until the first step has looked (then True / False)
+        self._mixed: bool | None = None
         self.hvps = 0  # Hessian-vector products this engine has computed (a count, for stats)
         self._directions: dict[tuple, tuple] = {}
         # optimizers' hand-written JVP rules are exact and much cheaper than torch.func.jvp
@@ -248,9 +338,14 @@ class ForwardTangent:
             batch = problem.train_batch(t)
         hp_cur = {k: v.clone().requires_grad_(True) for k, v in self.current(leaves, t).items()}
         params = {n: p.detach().requires_grad_(True) for n, p in state.params.items()}
+        fd = self.hvp != "autodiff"
+        graph = not fd or self._mixed is not False
+        rng = rng_snapshot(problem.device) if fd else None
         loss, g, buffers, g_hp = problem.train_grad(
-            params, state.buffers, batch, unflatten(hp_cur, self.like), create_graph=True,
-            wrt=hp_cur)
+            params, state.buffers, batch, unflatten(hp_cur, self.like), create_graph=graph,
+            wrt=hp_cur if graph else None)
+        if fd and self._mixed is None:
+            self._mixed = any(x is not None and x.requires_grad for x in g_hp.values())
         keys = list(hp_cur)
         primal_p = {n: p.detach() for n, p in params.items()}
         primal_o = tensor_state(state.opt)
@@ -276,7 +371,15 @@ class ForwardTangent:
             if not n:
                 return new, None, loss.detach()
         rows, dhp = directions(primal_h, primal_p)
-        dg = self._dgrad(params, g, g_hp, keys, rows, Z, direct, n, hz)
+        product = None
+        if fd:
+            grad0 = {n: None if x is None else x.detach() for n, x in g.items()}
+
+            def product(v):
+                return finite_difference_hvp(problem, primal_p, state.buffers, batch, hp_struct,
+                                             v, grad0, self.hvp == "central_difference",
+                                             rng=rng)
+        dg = self._dgrad(params, g, g_hp, keys, rows, Z, direct, n, hz, product)
         if self.clamp_grad is not None:
             dg = {k: d * keep[k] for k, d in dg.items()}
         if Z is None:
@@ -310,13 +413,16 @@ class ForwardTangent:
         carry = {"Z": {"params": dp, **do}, "started": torch.ones(len(started), dtype=torch.bool)}
         return InnerState(new_p, new_opt, new_buffers, state.t + 1), carry, loss.detach()
 
-    def _dgrad(self, params, g, g_hp, keys, rows, Z, direct, n_active, hz=None):
+    def _dgrad(self, params, g, g_hp, keys, rows, Z, direct, n_active, hz=None, product=None):
         """Rows of d(∇L)/dλ along each column: H·Zθ + ∂²L/∂θ∂λ·e_j, one backward per row
         (g's vector-Jacobian product with Zθ; the Hessian is symmetric). `hz[a]` False says
-        column a's Z is zero, so its H·Z product is skipped."""
-        mixed = [k for k in keys if g_hp[k] is not None and g_hp[k].requires_grad]
+        column a's Z is zero, so its H·Z product is skipped. `product(v)`: H·v by
+        differences instead (hvp != "autodiff")."""
+        mixed = [k for k in keys if g_hp.get(k) is not None and g_hp[k].requires_grad]
         if Z is None and not mixed:
             return {n: p.new_zeros((n_active, *p.shape)) for n, p in params.items()}
+        if product is not None:
+            return self._dgrad_fd(product, params, g_hp, mixed, rows, Z, direct, n_active, hz)
         if self.batched_rows and hz is None and self.clamp_hz is None:
             return self._dgrad_batched(params, g, g_hp, mixed, rows, Z, direct, n_active)
         names = [n for n, gn in g.items() if gn.requires_grad] if Z is not None else []
@@ -342,6 +448,31 @@ class ForwardTangent:
         return {n: torch.stack([p.new_zeros(p.shape) if r[i] is None else r[i].detach()
                                 for r in out_rows])
                 for i, (n, p) in enumerate(params.items())}
+
+    def _dgrad_fd(self, product, params, g_hp, mixed, rows, Z, direct, n_active, hz):
+        """`_dgrad` with H·Zθ by `product` (differences of gradients), one row at a time; the
+        mixed ∂²L/∂θ∂λ part stays a vector-Jacobian product."""
+        plist = list(params.values())
+        out_rows: list[dict] = []
+        for a in range(n_active):
+            row: dict = {}
+            if Z is not None and (hz is None or hz[a]):
+                row = product({n: Z["params"][n][a] for n in params}) or {}
+                if row:
+                    self.hvps += 1
+                if self.clamp_hz is not None:
+                    row = {n: None if h is None else h.clamp(-self.clamp_hz, self.clamp_hz)
+                           for n, h in row.items()}
+            if direct[a] and mixed:
+                got = self.problem.vjp([g_hp[k] for k in mixed], plist,
+                                       [rows[k][a] for k in mixed], retain_graph=True)
+                for n, m in zip(params, got):
+                    if m is not None:
+                        row[n] = m if row.get(n) is None else row[n] + m
+            out_rows.append(row)
+        return {n: torch.stack([p.new_zeros(p.shape) if r.get(n) is None else r[n].detach()
+                                for r in out_rows])
+                for n, p in params.items()}
 
     def _dgrad_batched(self, params, g, g_hp, mixed, rows, Z, direct, n_active):
         """`_dgrad` as one batched vector-Jacobian product over all columns (columns without
@@ -435,9 +566,10 @@ def forward_engine(problem: Problem, horizon: int, tangent="exact", compile: boo
                    clamp_grad: float | None = None, clamp_hz: float | None = None,
                    uoro_samples: int = 1, seed: int | None = None,
                    batched_rows: bool | None = None, uoro_blocks: str = "all",
-                   uoro_centred: bool = False) -> ForwardTangent:
+                   uoro_centred: bool = False, hvp: str = "autodiff") -> ForwardTangent:
     """The forward engine for a `tangent` choice: a column grouping of the exact engine, or
     "uoro" (the rank-one estimate of Tallec & Ollivier 2018; hypergrad/uoro.py)."""
+    check_hvp(hvp)
     if tangent == "uoro":
         from .uoro import UOROTangent
 
@@ -445,20 +577,21 @@ def forward_engine(problem: Problem, horizon: int, tangent="exact", compile: boo
             raise HyperparameterError("tangent='uoro' does not run with compile=True")
         return UOROTangent(problem, horizon, uoro_samples,
                            problem.seed if seed is None else seed, clamp_grad, clamp_hz,
-                           uoro_blocks, uoro_centred)
+                           uoro_blocks, uoro_centred, hvp)
     for name, v, default in (("uoro_samples", uoro_samples, 1), ("uoro_blocks", uoro_blocks, "all"),
                              ("uoro_centred", uoro_centred, False)):
         if v != default:
             raise HyperparameterError(f"{name}={v!r} needs tangent='uoro'")
     return ForwardTangent(problem, horizon, tangent, compile=compile, clamp_grad=clamp_grad,
-                          clamp_hz=clamp_hz, batched_rows=batched_rows)
+                          clamp_hz=clamp_hz, batched_rows=batched_rows, hvp=hvp)
 
 
 def forward(problem: Problem, steps: int, values: dict, *, tangent="exact",
             compile: bool | dict = False, clamp_grad: float | None = None,
             clamp_hz: float | None = None, uoro_samples: int = 1,
             seed: int | None = None, batched_rows: bool | None = None,
-            uoro_blocks: str = "all", uoro_centred: bool = False) -> HypergradResult:
+            uoro_blocks: str = "all", uoro_centred: bool = False,
+            hvp: str = "autodiff") -> HypergradResult:
     """Forward-mode hypergradient after `steps` inner steps (memory constant in T).
 
     tangent="summed" is OHO's approximation (one tangent per hyperparameter name, read back
@@ -470,10 +603,13 @@ def forward(problem: Problem, steps: int, values: dict, *, tangent="exact",
     compilation itself (seconds on CPU; benchmarks/results/hypergrad_cost.md) is in `stats["wall_time_s"]`. clamp_grad /
     clamp_hz bound the training gradient and H·Z elementwise (Micaelli & Storkey 2021).
     batched_rows: all Hessian-vector rows of a step in one vmapped backward (default: on CUDA).
+    hvp="finite_difference" / "central_difference": Hessian-vector products by differences of
+    gradients, an approximation (ForwardTangent; `finite_difference_hvp`).
     """
     with CostMeter(problem.device) as meter:
         engine = forward_engine(problem, steps, tangent, compile, clamp_grad, clamp_hz,
-                                uoro_samples, seed, batched_rows, uoro_blocks, uoro_centred)
+                                uoro_samples, seed, batched_rows, uoro_blocks, uoro_centred,
+                                hvp)
         value, grads = run(engine, problem, steps, values, meter)
         meter.hvps = engine.hvps
     return finish(problem, values, value, grads,

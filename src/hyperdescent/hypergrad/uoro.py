@@ -23,6 +23,10 @@ recursion with their part of F_t:
   (one product per group, as `tangent="summed"` does), and ν is projected off the group means,
   E[ν νᵀ] = I - Σ_g 1_g 1_gᵀ/|g|, so UORO estimates only each layer's deviation from its
   name's mean; a group's mean hypergradient, and a global hyperparameter, are then exact.
+
+With `hvp="finite_difference"` (ForwardTangent) the products J s̃ and the group sums' take one
+extra gradient each instead of a double backward: the estimate is then unbiased for the
+tangent of the differenced dynamics, an O(ε) approximation of the exact one.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ class UOROTangent(ForwardTangent):
 
     def __init__(self, problem: Problem, horizon: int, samples: int = 1, seed: int = 0,
                  clamp_grad: float | None = None, clamp_hz: float | None = None,
-                 blocks: str = "all", centred: bool = False):
+                 blocks: str = "all", centred: bool = False, hvp: str = "autodiff"):
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise HyperparameterError(f"uoro_samples must be an integer >= 1, got {samples!r}")
         if blocks not in BLOCKS:
@@ -53,7 +57,8 @@ class UOROTangent(ForwardTangent):
         if centred and blocks != "all":
             raise HyperparameterError("uoro_centred=True estimates the deviations from each "
                                       "name's mean with one block: it needs uoro_blocks='all'")
-        super().__init__(problem, horizon, "exact", clamp_grad=clamp_grad, clamp_hz=clamp_hz)
+        super().__init__(problem, horizon, "exact", clamp_grad=clamp_grad, clamp_hz=clamp_hz,
+                         hvp=hvp)
         self.samples = samples
         self.seed = int(seed)
         self.blocks, self.centred = blocks, centred
