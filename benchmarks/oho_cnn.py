@@ -5,7 +5,9 @@ and after it), beside the irreducible cost of the exact tangent.
 Models on CIFAR-shaped random tensors (cost does not depend on the data): a BatchNorm CNN with
 4 conv layers and a ResNet-18 (He et al. 2016, "Deep residual learning for image recognition",
 CIFAR variant). Variants: OHO with a global lr + weight decay; per-layer learning rates with the
-exact tangent, `summed`, `uoro`; `truncated` (window 10). The irreducible cost of the exact
+exact tangent, `summed`, `uoro`; `truncated` (window 10); and the forward tangents again with
+their Hessian-vector products by differences of gradients (`hvp="finite_difference"`, rows
+"FD products"). The irreducible cost of the exact
 tangent is one gradient with a graph plus one Hessian-vector product per column.
 
     python benchmarks/oho_cnn.py                 # CNN, batch 64 (ResNet-18 with --resnet)
@@ -162,6 +164,20 @@ def _variants(hd, make, batch: int, layered, cols: int) -> dict:
                                                         tangent="uoro", uoro_centred=True),
         "per-layer lr truncated (window 10)": lambda: tuner_step(
             hd, _problem(hd, make, batch, True), method="truncated", window=10),
+        # Hessian-vector products by differences of gradients (hvp="finite_difference": one
+        # extra gradient each, and the step's gradient without a graph)
+        "OHO global lr+wd (exact), FD products": lambda: tuner_step(
+            hd, _problem(hd, make, batch, False), hvp="finite_difference"),
+        "per-layer lr uoro, FD products": lambda: tuner_step(
+            hd, _problem(hd, make, batch, True), tangent="uoro", hvp="finite_difference"),
+        "per-layer lr uoro centred, FD products": lambda: tuner_step(
+            hd, _problem(hd, make, batch, True), tangent="uoro", uoro_centred=True,
+            hvp="finite_difference"),
+        "per-layer lr uoro centred, central FD products": lambda: tuner_step(
+            hd, _problem(hd, make, batch, True), tangent="uoro", uoro_centred=True,
+            hvp="central_difference"),
+        f"per-layer lr exact ({cols} columns), FD products": lambda: tuner_step(
+            hd, _problem(hd, make, batch, True), hvp="finite_difference"),
     }
 
 
@@ -208,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         cols = len(list(make().parameters()))
         variants = _variants(hd, make, batch, layered, cols)
         slow = {f"per-layer lr exact ({cols} columns)",
-                f"irreducible exact: gradient with graph + {cols} HVPs"}
+                f"irreducible exact: gradient with graph + {cols} HVPs",
+                f"per-layer lr exact ({cols} columns), FD products"}
         for label, build in variants.items():
             if not chosen(label):
                 continue

@@ -44,6 +44,9 @@ VARIANTS = {
                                         "meta_lr": 0.1},
     "uoro centred (k=4, meta_lr 0.1)": {"tangent": "uoro", "uoro_centred": True,
                                         "uoro_samples": 4, "meta_lr": 0.1},
+    # its Hessian-vector products by one-sided differences of gradients (issue 19's candidate)
+    "uoro centred (k=1, meta_lr 0.1, FD)": {"tangent": "uoro", "uoro_centred": True,
+                                            "meta_lr": 0.1, "hvp": "finite_difference"},
     "truncated (window 10)": {"method": "truncated", "window": 10},
 }
 
