@@ -242,10 +242,12 @@ import json, os, signal, sys
 from hyperdescent.cli import main
 from hyperdescent.experiment import run_checkpoint
 real = run_checkpoint.DirCheckpoint.save
-def dying(self, directory):
-    if json.loads((directory / run_checkpoint.RUNNER_FILE).read_text())["step"] == 20:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(self, directory)
+def dying(self, write):
+    def write_then_die(directory):
+        write(directory)
+        if json.loads((directory / run_checkpoint.RUNNER_FILE).read_text())["step"] == 20:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, write_then_die)
 run_checkpoint.DirCheckpoint.save = dying
 sys.exit(main(["compare", sys.argv[1], "--out", sys.argv[2], "--no-progress"]))
 """

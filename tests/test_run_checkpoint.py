@@ -77,16 +77,28 @@ def test_only_the_gradient_kinds_resume():
 
 def test_dir_checkpoint_replaces_atomically_and_survives_a_death_between_renames(tmp_path):
     from hyperdescent.experiment.run_checkpoint import RUNNER_FILE, TUNER_FILE, write_runner
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / TUNER_FILE).write_bytes(b"t1")
-    write_runner(src, {"step": 1})
+
+    def writer(step):
+        def write(d):
+            (d / TUNER_FILE).write_bytes(b"t%d" % step)
+            write_runner(d, {"step": step})
+        return write
+
     ck = DirCheckpoint(tmp_path / "ck")
-    ck.save(src)
-    write_runner(src, {"step": 2})
-    ck.save(src)
+    ck.save(writer(1))
+    ck.save(writer(2))
     assert read_runner(ck.latest())["step"] == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "src"]  # no leftovers
+    assert (ck.latest() / TUNER_FILE).read_bytes() == b"t2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no leftovers
+
+    def dies(d):
+        (d / TUNER_FILE).write_bytes(b"torn")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        ck.save(dies)  # a save that fails half-way leaves the previous checkpoint in place
+    assert read_runner(ck.latest())["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
     # a process killed after moving the old checkpoint aside, before renaming the new one in
     (tmp_path / "ck").rename(tmp_path / "ck.old")
     assert read_runner(ck.latest())["step"] == 2

@@ -143,9 +143,12 @@ class _TuneCheckpoint:
         d = Path(ckpt.to_directory(str(Path(self.scratch) / "resume")))
         return d if is_run_checkpoint(d) else None
 
-    def save(self, directory: Path) -> None:
-        """Hand the directory to Tune (copied to the trial's storage before this returns)."""
-        self.reporter.checkpoint(directory)
+    def save(self, write) -> None:
+        """`write` the checkpoint into a scratch directory and hand it to Tune (copied to the
+        trial's storage before this returns)."""
+        with tempfile.TemporaryDirectory(dir=self.scratch) as d:
+            write(Path(d))
+            self.reporter.checkpoint(Path(d))
 
 
 def _context(config: dict[str, Any]) -> tuple[Task, Config, Method, int]:

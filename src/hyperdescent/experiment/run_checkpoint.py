@@ -3,10 +3,10 @@ the tuner's state record (`OnlineTuner.save`) and the runner's own counters, so 
 process died continues from its last evaluation instead of from step 0.
 
 `run_gradient(..., checkpoint=C)` calls `C.latest()` once at its start (a directory to resume
-from, or None) and `C.save(directory)` after every logged evaluation; the directory passed to
-`save` is removed when the call returns, so `save` must copy (or upload) what it keeps. The Ray
-executor's implementation turns each into a `tune.Checkpoint`; `DirCheckpoint` keeps the last
-one in a local directory.
+from, or None) and `C.save(write)` after every logged evaluation: `save` hands `write` the
+directory to write the checkpoint's files into, so the tuner's state is written once, straight
+where it is kept. The Ray executor's implementation turns that directory into a
+`tune.Checkpoint`; `DirCheckpoint` keeps the last one in a local directory.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,7 +45,7 @@ class RunCheckpoint(Protocol):
 
     def latest(self) -> Path | None: ...
 
-    def save(self, directory: Path) -> None: ...
+    def save(self, write: Callable[[Path], None]) -> None: ...
 
 
 def write_runner(directory: Path, state: dict[str, Any]) -> None:
@@ -84,13 +85,13 @@ class DirCheckpoint:
         for d in (self.path, self.path.with_name(self.path.name + ".old")):
             shutil.rmtree(d, ignore_errors=True)
 
-    def save(self, directory: Path) -> None:
-        """Copy `directory` in, replacing the previous checkpoint."""
+    def save(self, write: Callable[[Path], None]) -> None:
+        """`write` the new checkpoint into a sibling directory, then put it in place of the
+        previous one."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".ckpt-", dir=self.path.parent))
         try:
-            for f in Path(directory).iterdir():
-                shutil.copy2(f, tmp / f.name)
+            write(tmp)
             old = self.path.with_name(self.path.name + ".old")
             if self.path.exists():
                 os.replace(self.path, old)

@@ -21,7 +21,6 @@ Records carry ``method`` (the label), ``seed``, ``kind``, ``inner_steps`` (cumul
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -167,12 +166,9 @@ def run_gradient(task: Task, cfg: Config, method: Method, seed: int, log: Log,
         state = saved["state"]
         t0 -= saved["elapsed_s"]  # the seconds charged before the restart stay charged
 
-    def save_checkpoint() -> None:
-        with tempfile.TemporaryDirectory() as d:
-            tuner.save(Path(d) / TUNER_FILE)
-            write_runner(Path(d), {"state": state, "step": tuner.t,
-                                   "elapsed_s": time.perf_counter() - t0})
-            checkpoint.save(Path(d))
+    def write_checkpoint(d: Path) -> None:
+        tuner.save(d / TUNER_FILE)
+        write_runner(d, {"state": state, "step": tuner.t, "elapsed_s": time.perf_counter() - t0})
 
     def evaluate_and_log(train_loss: float | None = None) -> None:
         ev = tuner.evaluate("val")
@@ -188,7 +184,7 @@ def run_gradient(task: Task, cfg: Config, method: Method, seed: int, log: Log,
         state["trace"] = []
         state["last_logged"] = state["executed"]
         if checkpoint is not None:
-            save_checkpoint()
+            checkpoint.save(write_checkpoint)
 
     def callback(tuner: OnlineTuner, record: dict[str, Any]) -> None:
         state["executed"] += 1
