@@ -96,16 +96,28 @@ class _Lanes:
 
 def _flat_grad(problem: Problem, layout: rsgd.Layout, theta: torch.Tensor, batch, hp,
                create_graph: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(θ as a leaf, training loss, ∇_θ L as one flat vector): the model sees views of the one
-    leaf, so the gradient is one vector and the step on it a few graph nodes."""
-    leaf = theta.detach().requires_grad_(True)
+               ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(the per-tensor leaves, training loss, ∇_θ L as one flat vector) at the flat weights
+    θ: each leaf is a view of θ, the gradient one concatenation of theirs."""
+    # leaves per tensor, not views of one flat leaf: the flat leaf's backward zero-fills a full
+    # vector per tensor and sums them (SliceBackward), a tenth of a step on a small MLP
+    leaves = [x.requires_grad_(True) for x in layout.split(theta.detach()).values()]
     with torch.enable_grad():
-        loss, _ = problem.train_loss(layout.split(leaf), problem.buffers0, batch, hp)
-        (grad,) = problem.grad(loss, [leaf], create_graph=create_graph)
+        loss, _ = problem.train_loss(dict(zip(layout.names, leaves)), problem.buffers0, batch,
+                                     hp)
+        got = problem.grad(loss, leaves, create_graph=create_graph)
+        grad = _cat(got, leaves)
     if grad is None:
         raise HyperparameterError("the training loss does not depend on the weights")
-    return leaf, loss.detach(), grad
+    return leaves, loss.detach(), grad
+
+
+def _cat(parts, like: list[torch.Tensor]) -> torch.Tensor | None:
+    """Per-tensor gradients as one flat vector, zeros where a part is None (None if all are)."""
+    if all(x is None for x in parts):
+        return None
+    return torch.cat([(torch.zeros_like(w) if x is None else x).reshape(-1)
+                      for x, w in zip(parts, like)])
 
 
 def _axpy(y: torch.Tensor, alpha: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -257,9 +269,8 @@ class ReversibleEngine:
             batch = problem.train_batch(t)
             if self.inputs_grad:
                 batch = (batch[0].detach().requires_grad_(True), batch[1])
-            leaf, _, g = _flat_grad(problem, layout, sgd.weights(theta), batch, hp_g,
-                                    create_graph=True)
-            theta_f = leaf.detach()
+            theta_f = sgd.weights(theta)
+            leaves, _, g = _flat_grad(problem, layout, theta_f, batch, hp_g, create_graph=True)
             # the forward pass took this gradient without a graph: the values are the same bits
             v = sgd.unstep_velocity(v, rsgd.decayed_gradient(g.detach(), theta_f, wd), n,
                                     buffer, t)
@@ -281,12 +292,13 @@ class ReversibleEngine:
             lane_cots = [slot for slot in lane_cots if slot[1] is not None] if last else \
                 lane_cots
             want_theta = not last or self.initial_grad or scales_init
-            inputs = ([leaf] if want_theta else []) + ([batch[0]] if self.inputs_grad else [])
+            inputs = (leaves if want_theta else []) + ([batch[0]] if self.inputs_grad else [])
             got = problem.vjp([g], inputs + lam_list, [a])
             if want_theta:
                 self.hvps += 1
-                hv = got[0] if got[0] is not None else torch.zeros_like(dtheta)
-                dtheta = _axpy(hv.add_(dtheta), wd, a)  # hv is autograd's fresh tensor
+                hv = _cat(got[:len(leaves)], leaves)
+                hv = torch.zeros_like(dtheta) if hv is None else hv
+                dtheta = _axpy(hv.add_(dtheta), wd, a)  # hv is a fresh tensor
                 dv = mu * a if mu.dim() else torch.mul(a, float(mu))
             if self.inputs_grad and got[len(inputs) - 1] is not None:
                 if data.full:
