@@ -11,6 +11,7 @@ from helpers import data as helpers_data
 
 import hyperdescent as hd
 from hyperdescent.errors import HyperparameterError, NonFiniteError
+from hyperdescent.hypergrad import coder
 from hyperdescent.hypergrad.coder import HEAD_LOW, RansBuffer
 from hyperdescent.optim import reversible_sgd as rsgd
 
@@ -40,8 +41,15 @@ def _digits(rng, base, lanes, gen):
     return (torch.rand(lanes, generator=gen, dtype=torch.float64) * base).long()
 
 
+@pytest.fixture(params=[True, False], ids=["numpy", "torch"])
+def kernels(request, monkeypatch):
+    """Both integer kernels: numpy's (CPU, a scalar base) and torch's (any device)."""
+    monkeypatch.setattr(coder, "NUMPY_CPU", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("seed", range(6))
-def test_coder_round_trip_random_orders(seed):
+def test_coder_round_trip_random_orders(seed, kernels):
     """Any interleaving of exchanges and inverse exchanges, undone in reverse order, restores
     the message; every step undone returns the digit it took."""
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
@@ -65,6 +73,34 @@ def test_coder_round_trip_random_orders(seed):
         else:
             assert torch.equal(buf.exchange(got, k, n), given)
     assert buf.matches(start)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_coder_numpy_and_torch_kernels_agree_bit_for_bit(seed, monkeypatch):
+    """The numpy kernels write the same heads, words and digits as torch's, with heads at
+    the emission and refill thresholds and digits at their limits."""
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    lanes = 50
+    bufs = {True: RansBuffer(lanes, capacity_words=1), False: RansBuffer(lanes, capacity_words=1)}
+    for _ in range(200):
+        k = rng.choice([1, 7, 16, 16])
+        n = rng.choice([1, 1 << k, rng.randint(1, 1 << k)])
+        if rng.random() < 0.2:  # heads just below, at and above a threshold
+            edge = rng.choice([n << (47 - k), HEAD_LOW * n, (1 << 47) - 1])
+            head = edge + torch.randint(-2, 1, (lanes,), generator=gen)
+            head = head.clamp(HEAD_LOW, (1 << 47) - 1)
+            for b in bufs.values():
+                b.head = head.clone()
+        exchange = rng.random() < 0.6
+        digits = _digits(rng, 1 << k if exchange else n, lanes, gen)
+        out = {}
+        for use_numpy, b in bufs.items():
+            monkeypatch.setattr(coder, "NUMPY_CPU", use_numpy)
+            out[use_numpy] = (b.exchange if exchange else b.unexchange)(digits.clone(), k, n)
+        assert torch.equal(out[True], out[False])
+        assert torch.equal(bufs[True].head, bufs[False].head)
+        assert bufs[True].top == bufs[False].top
+        assert torch.equal(bufs[True].tape[:bufs[True].top], bufs[False].tape[:bufs[False].top])
 
 
 def test_coder_lifo_many_words_and_size():
@@ -130,8 +166,10 @@ def _quadratic_run(steps, mu=0.9, seed=0):
 LONG = 1000  # long enough for float reversal to lose θ_0 entirely
 
 
-def test_fixed_point_sgd_reverses_bit_for_bit():
+@pytest.mark.parametrize("base", ["tensor", "int"])
+def test_fixed_point_sgd_reverses_bit_for_bit(base, kernels):
     a, b, theta0, layout, n, lr = _quadratic_run(LONG)
+    n = int(n) if base == "int" else n
     fx = rsgd.FixedPoint.for_weights(layout, theta0, headroom_bits=8)
     buf = RansBuffer(12)
     start = buf.snapshot()
@@ -140,13 +178,43 @@ def test_fixed_point_sgd_reverses_bit_for_bit():
     for t in range(LONG):
         d = a @ rsgd.to_float(theta, fx.theta_inv) - b
         if t == 0:
-            fx.set_velocity_range(d, n / rsgd.MOMENTUM_DENOM, headroom_bits=8)
+            fx.set_velocity_range(d, torch.as_tensor(n) / rsgd.MOMENTUM_DENOM, headroom_bits=8)
         theta, v = rsgd.step(theta, v, d, lr, n, fx, buf, t)
     assert buf.top > 0
     for t in range(LONG - 1, -1, -1):
         theta = rsgd.unstep_position(theta, v, lr, fx, t)
         v = rsgd.unstep_velocity(v, a @ rsgd.to_float(theta, fx.theta_inv) - b, n, fx, buf, t)
     assert torch.equal(theta, theta_start) and not bool(v.any()) and buf.matches(start)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fixed_point_step_numpy_equals_torch(dtype, monkeypatch):
+    """The numpy step and inverse steps give torch's integers, words and digits exactly."""
+    a, b, theta0, layout, n, lr = _quadratic_run(300, mu=0.6, seed=1)
+    a, b, theta0, lr, n = a.to(dtype), b.to(dtype), theta0.to(dtype), lr.to(dtype), int(n)
+    runs = {}
+    for use_numpy in (True, False):
+        monkeypatch.setattr(coder, "NUMPY_CPU", use_numpy)
+        fx = rsgd.FixedPoint.for_weights(layout, theta0, headroom_bits=2)
+        buf = RansBuffer(12, capacity_words=1)
+        theta = rsgd.to_fixed(theta0, fx.theta_scale, layout, "weights")
+        v, states = torch.zeros(12, dtype=torch.int64), []
+        for t in range(300):
+            d = a @ rsgd.to_float(theta, fx.theta_inv) - b
+            if t == 0:
+                fx.set_velocity_range(d, torch.as_tensor(n / rsgd.MOMENTUM_DENOM), 2)
+            theta, v = rsgd.step(theta, v, d, lr * 4, n, fx, buf, t)
+            states.append((theta, v, buf.head.clone()))
+        words = buf.tape[:buf.top].clone()
+        for t in range(299, 149, -1):
+            theta = rsgd.unstep_position(theta, v, lr * 4, fx, t)
+            v = rsgd.unstep_velocity(v, a @ rsgd.to_float(theta, fx.theta_inv) - b, n, fx, buf,
+                                     t)
+            states.append((theta, v, buf.head.clone()))
+        runs[use_numpy] = states, words
+    assert runs[True][1].numel() > 0 and torch.equal(runs[True][1], runs[False][1])
+    for x, y in zip(*(runs[k][0] for k in (True, False))):
+        assert all(torch.equal(p, q) for p, q in zip(x, y))
 
 
 def test_naive_float_reversal_does_not_recover_the_start():
@@ -174,6 +242,33 @@ def test_to_fixed_names_the_tensor_on_nan_and_overflow():
     with pytest.raises(rsgd.FixedPointOverflowError, match=r"overflows.*\['w'\]"):
         rsgd.to_fixed(torch.tensor([0, 2.0 ** 30, 0, 0, 0], dtype=torch.float64), scale,
                       layout, "gradient", 3)
+
+
+def test_step_names_the_tensor_whose_gradient_velocity_or_weights_overflow(kernels):
+    """Each range check of the step (both kernels) raises on a finite value past 2^62 and
+    names its tensor, instead of casting garbage or wrapping."""
+    assert coder.fast(torch.zeros(2, dtype=torch.int64), 3) is kernels
+    layout = rsgd.Layout.of({"w": torch.zeros(3), "b": torch.zeros(2)})
+
+    def attempt(theta, v, direction, lr=0.0, n=1 << 16):
+        fx = rsgd.FixedPoint.for_weights(layout, torch.zeros(5, dtype=torch.float64), 0)
+        fx.set_velocity_range(torch.ones(5, dtype=torch.float64), torch.tensor(0.5), 0)
+        rsgd.step(torch.tensor(theta), torch.tensor(v), torch.tensor(direction,
+                  dtype=torch.float64), torch.tensor(lr, dtype=torch.float64), n, fx,
+                  RansBuffer(5), 3)
+
+    big = (1 << 62) - 1
+    with pytest.raises(rsgd.FixedPointOverflowError, match=r"gradient at step 3.*\['b'\]"):
+        attempt([0] * 5, [0] * 5, [0, 0, 0, 0, 8.0])
+    with pytest.raises(rsgd.FixedPointOverflowError, match=r"velocity at step 3.*\['w'\]"):
+        attempt([0] * 5, [0, 0, big, 0, 0], [0, 0, 0.5, 0, 0])
+    with pytest.raises(rsgd.FixedPointOverflowError, match=r"weights at step 3.*\['b'\]"):
+        attempt([0, 0, 0, big, 0], [0, 0, 0, -(1 << 59), 0], [0] * 5, lr=1.0)
+    with pytest.raises(rsgd.FixedPointOverflowError, match=r"lr·velocity at step 3.*\['b'\]"):
+        attempt([0] * 5, [0, 0, 0, -(1 << 61), 0], [0] * 5, lr=1.0)
+    with pytest.raises(NonFiniteError, match=r"gradient at step 3 is not finite.*\['w'\]"):
+        attempt([0] * 5, [0] * 5, [math.nan, 0, 0, 0, 0])
+    attempt([0] * 5, [0, 0, big - (1 << 60), 0, 0], [0, 0, 0.5, 0, 0])  # in range: no error
 
 
 def test_diverging_run_raises_instead_of_wrapping():

@@ -20,6 +20,7 @@ them, so two tapes that differ only in zero words at the bottom hold the same me
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..errors import HyperdescentError
@@ -30,6 +31,23 @@ WORD_MASK = (1 << WORD_BITS) - 1
 HEAD_BITS = 64
 HEAD_TOP_BITS = 47
 MAX_DIGIT_BITS = 16
+
+
+NUMPY_CPU = True  # int64 work on CPU with a scalar base in numpy (tests switch it off)
+
+
+def fast(x: torch.Tensor, n) -> bool:
+    """Whether the numpy kernels take x (CPU int64 lanes) with the scalar base n: numpy's int64
+    ops vectorise (torch's CPU int64 add multiplies by alpha, emulated on AVX2) and it divides
+    by a scalar with a multiply and shifts (libdivide) instead of one hardware division a lane."""
+    return NUMPY_CPU and isinstance(n, int) and x.device.type == "cpu"
+
+
+def floordiv(x: torch.Tensor, n) -> torch.Tensor:
+    """x // n, exactly, for an int64 tensor x and an int (or int64 tensor) n >= 1."""
+    if fast(x, n):
+        return torch.from_numpy(np.floor_divide(x.numpy(), n))
+    return torch.div(x, n, rounding_mode="floor")
 
 
 def _check(k: int, n, lanes: int) -> None:
@@ -122,6 +140,8 @@ class RansBuffer:
         if check:
             _check(k, n, self.lanes)
             _check_digits(r, 1 << k, self.lanes, "exchange")
+        if fast(self.head, n):
+            return torch.from_numpy(self.exchange_numpy(r.numpy(), k, n))
         y = self.head
         emit = torch.nonzero(y >= n * (1 << (HEAD_TOP_BITS - k))).squeeze(1)
         if emit.numel():  # rare: a lane emits once every 31/log2(d/n) steps
@@ -134,11 +154,28 @@ class RansBuffer:
         self.head = y
         return s
 
+    def exchange_numpy(self, r: np.ndarray, k: int, n: int) -> np.ndarray:
+        """`exchange` in numpy on CPU with an int base n (unchecked): the same arithmetic."""
+        y = self.head.numpy()
+        emit = np.flatnonzero(y >= n << (HEAD_TOP_BITS - k))
+        if emit.size:
+            words = y[emit]
+            self._put(torch.from_numpy(words & WORD_MASK))
+            y[emit] = words >> WORD_BITS  # the head is the buffer's own
+        z = np.left_shift(y, k)
+        z |= r
+        y = np.floor_divide(z, n)
+        z -= y * n
+        self.head = torch.from_numpy(y)
+        return z
+
     def unexchange(self, s: torch.Tensor, k: int, n, check: bool = True) -> torch.Tensor:
         """The exact inverse of `exchange`: push the digit s < n back, pop and return r < 2^k."""
         if check:
             _check(k, n, self.lanes)
             _check_digits(s, n, self.lanes, "unexchange")
+        if fast(self.head, n):
+            return torch.from_numpy(self.unexchange_numpy(s.numpy(), k, n))
         z = torch.add(s, self.head, alpha=n) if isinstance(n, int) else \
             torch.addcmul(s, self.head, n)
         r = z & ((1 << k) - 1)
@@ -149,3 +186,15 @@ class RansBuffer:
             y.index_copy_(0, need, (y.index_select(0, need) << WORD_BITS) | words)
         self.head = y
         return r
+
+    def unexchange_numpy(self, s: np.ndarray, k: int, n: int) -> np.ndarray:
+        """`unexchange` in numpy on CPU with an int base n (unchecked): the same arithmetic."""
+        z = self.head.numpy() * n
+        z += s
+        y = z >> k
+        z &= (1 << k) - 1
+        need = np.flatnonzero(y < HEAD_LOW)
+        if need.size:
+            y[need] = (y[need] << WORD_BITS) | self._take(need.size).numpy()
+        self.head = torch.from_numpy(y)
+        return z

@@ -18,9 +18,12 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..errors import HyperparameterError, NonFiniteError
+from ..hypergrad import coder
+from ..hypergrad.coder import floordiv
 
 MOMENTUM_DENOM = 1 << 16
 INT_LIMIT = 1 << 62  # every stored integer stays below this, so one addition cannot wrap
@@ -190,6 +193,34 @@ def _check_int(i: torch.Tensor, what: str, layout: Layout, t: int) -> torch.Tens
     return i
 
 
+def _numpy(v: torch.Tensor, n, fx: FixedPoint) -> bool:
+    """Whether the step runs in numpy (`coder.fast`: CPU, a scalar momentum numerator)."""
+    return coder.fast(v, n) and fx.v_inv.dtype in (torch.float32, torch.float64)
+
+
+def _np(x: torch.Tensor) -> np.ndarray:
+    return x.detach().numpy()
+
+
+def _np_checked_int(y: np.ndarray, layout: Layout, what: str, t: int | None) -> np.ndarray:
+    """`_checked_int` of a numpy vector: the errors come from the torch check, which names
+    the tensors."""
+    if not (-INT_LIMIT < y.min() and y.max() < INT_LIMIT):  # NaN fails them too
+        _checked_int(torch.from_numpy(y), layout, what, t)
+    return y.astype(np.int64)
+
+
+def _np_check_int(i: np.ndarray, what: str, layout: Layout, t: int) -> None:
+    if not (-INT_LIMIT < int(i.min()) and int(i.max()) < INT_LIMIT):
+        _check_int(torch.from_numpy(i), what, layout, t)
+
+
+def _np_update(v: np.ndarray, scaled_lr: torch.Tensor, fx: FixedPoint, t: int) -> np.ndarray:
+    """`position_update` in numpy: the same float product, the same truncation."""
+    return _np_checked_int(v.astype(_np(fx.v_inv).dtype) * _np(scaled_lr), fx.layout,
+                           "lr·velocity", t)
+
+
 def quantize_momentum(mu: torch.Tensor | float, denom: int = MOMENTUM_DENOM):
     """μ rounded to n/denom (the value used forward and reported), as (n, n/denom)."""
     n = torch.round(torch.as_tensor(mu, dtype=torch.float64) * denom)
@@ -212,7 +243,7 @@ def mul_momentum(v: torch.Tensor, n, buffer, denom: int = MOMENTUM_DENOM) -> tor
 
 def div_momentum(v: torch.Tensor, n, buffer, denom: int = MOMENTUM_DENOM) -> torch.Tensor:
     """The exact inverse of `mul_momentum`: push v mod n back, pop the remainder of d."""
-    q = torch.div(v, n, rounding_mode="floor")
+    q = floordiv(v, n)
     rest = torch.add(v, q, alpha=-n) if isinstance(n, int) else torch.addcmul(v, q, n, value=-1)
     return torch.add(buffer.unexchange(rest, denom.bit_length() - 1, n, check=False), q,
                      alpha=denom)
@@ -230,6 +261,19 @@ def step(theta: torch.Tensor, v: torch.Tensor, direction: torch.Tensor, lr: torc
          n, fx: FixedPoint, buffer, t: int = 0, denom: int = MOMENTUM_DENOM,
          scaled_lr: torch.Tensor | None = None):
     """(θ_{t+1}, v_{t+1}) in fixed point from (θ_t, v_t) and direction = g(θ_t) + wd·θ_t."""
+    if scaled_lr is None:
+        scaled_lr = lr * fx.v_to_theta
+    if _numpy(v, n, fx):
+        shift = denom.bit_length() - 1
+        vi = v.numpy()
+        w = vi >> shift  # v·n/d as in mul_momentum, in place on fresh arrays
+        w *= n
+        w += buffer.exchange_numpy(vi & (denom - 1), shift, n)
+        w += _np_checked_int(_np(direction) * _np(fx.v_scale), fx.layout, "gradient", t)
+        _np_check_int(w, "velocity", fx.layout, t)
+        theta = theta.numpy() - _np_update(w, scaled_lr, fx, t)
+        _np_check_int(theta, "weights", fx.layout, t)
+        return torch.from_numpy(theta), torch.from_numpy(w)
     v = mul_momentum(v, n, buffer, denom) + to_fixed(direction, fx.v_scale, fx.layout,
                                                      "gradient", t)
     v = _check_int(v, "velocity", fx.layout, t)
@@ -250,12 +294,24 @@ def position_update(v: torch.Tensor, lr: torch.Tensor, fx: FixedPoint, t: int = 
 def unstep_position(theta: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, fx: FixedPoint,
                     t: int = 0, scaled_lr: torch.Tensor | None = None) -> torch.Tensor:
     """θ_t = θ_{t+1} + lr·v_{t+1}, exactly (the same rounded update the forward step took)."""
+    if scaled_lr is None:
+        scaled_lr = lr * fx.v_to_theta
+    if _numpy(v, 1, fx):
+        return torch.from_numpy(theta.numpy() + _np_update(v.numpy(), scaled_lr, fx, t))
     return theta + position_update(v, lr, fx, t, scaled_lr)
 
 
 def unstep_velocity(v: torch.Tensor, direction: torch.Tensor, n, fx: FixedPoint, buffer,
                     t: int = 0, denom: int = MOMENTUM_DENOM) -> torch.Tensor:
     """v_t = (v_{t+1} - (g(θ_t) + wd·θ_t)) / μ, exactly, with the bits from the buffer."""
+    if _numpy(v, n, fx):
+        w = v.numpy() - _np_checked_int(_np(direction) * _np(fx.v_scale), fx.layout,
+                                        "gradient", t)
+        q = np.floor_divide(w, n)  # div_momentum's arithmetic
+        w -= q * n
+        q *= denom
+        q += buffer.unexchange_numpy(w, denom.bit_length() - 1, n)
+        return torch.from_numpy(q)
     v = v - to_fixed(direction, fx.v_scale, fx.layout, "gradient", t)
     return div_momentum(v, n, buffer, denom)
 
