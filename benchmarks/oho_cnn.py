@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -67,7 +68,21 @@ def resnet18() -> nn.Module:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10))
 
 
-MODELS = {"cnn": cnn, "resnet18": resnet18}
+def cnn_variant(act, pool):
+    """`cnn` with another activation / pooling (smooth controls for the difference products)."""
+    def make() -> nn.Module:
+        def block(i, o):
+            return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), act()]
+
+        return nn.Sequential(*block(3, 32), *block(32, 32), pool(2), *block(32, 64),
+                             *block(64, 64), pool(2), nn.Flatten(), nn.Linear(64 * 8 * 8, 10))
+    return make
+
+
+MODELS = {"cnn": cnn, "resnet18": resnet18,
+          "cnn_relu_avgpool": cnn_variant(nn.ReLU, nn.AvgPool2d),
+          "cnn_gelu_maxpool": cnn_variant(nn.GELU, nn.MaxPool2d),
+          "cnn_gelu_avgpool": cnn_variant(nn.GELU, nn.AvgPool2d)}
 
 
 def _problem(hd, make, batch: int, per_layer: bool):
@@ -181,6 +196,86 @@ def _variants(hd, make, batch: int, layered, cols: int) -> dict:
     }
 
 
+def fd_error(hd, make, batch: int, dtype, scales=(0.1, 1.0, 10.0), hg_steps: int = 20
+             ) -> list[dict]:
+    """Relative error ‖H·v_fd − H·v‖/‖H·v‖ of the difference products against double backward
+    at the weights after 5 steps, for a random direction and for the gradient, at the rule's ε
+    (`fd_epsilon`) times each of `scales`; and the relative error and cosine of a per-layer lr
+    hypergradient (summed tangent) with difference products against autodiff's."""
+    from hyperdescent.hypergrad.forward import fd_epsilon, finite_difference_hvp, rng_snapshot
+
+    torch.manual_seed(0)
+    x, y = torch.randn(batch * 4, 3, 32, 32, dtype=dtype), torch.randint(0, 10, (batch * 4,))
+    space = hd.Space({"lr": hd.Real(0.05, low=1e-5, high=1.0, log=True, per="layer")})
+    torch.manual_seed(0)
+    p = hd.Problem(make().to(dtype), optimizer=hd.optim.SGD(momentum=0.9), space=space,
+                   train=(x, y), val=(x[:batch], y[:batch]), batch_size=batch,
+                   val_batch_size=batch, seed=0)
+    hp = p.hp_at(p.real_hparams(), 0, 1000)
+    state = p.init_state()
+    for t in range(5):
+        state, _ = p.step(state, p.train_batch(t), hp)
+    batch_t = p.train_batch(5)
+    rng = rng_snapshot(p.device)
+    params = {n: q.detach().requires_grad_(True) for n, q in state.params.items()}
+    _, g, _, _ = p.train_grad(params, state.buffers, batch_t, hp, create_graph=True)
+    g0 = {n: q.detach() for n, q in g.items()}
+    gen = torch.Generator().manual_seed(1)
+    dirs = {"random": {n: torch.randn(q.shape, generator=gen, dtype=dtype)
+                       for n, q in params.items()}, "gradient": g0}
+    out = []
+    for dname, v in dirs.items():
+        want = dict(zip(params, p.vjp(list(g.values()), list(params.values()),
+                                      [v[n] for n in g], retain_graph=True)))
+        norm = float(torch.sqrt(sum((w.double() ** 2).sum() for w in want.values())))
+        for central in (False, True):
+            for scale in scales:
+                eps = scale * fd_epsilon(state.params, v, central)
+                got = finite_difference_hvp(p, state.params, state.buffers, batch_t, hp, v, g0,
+                                            central, eps=eps, rng=rng)
+                err = float(torch.sqrt(sum(((got[n] - want[n]).double() ** 2).sum()
+                                           for n in want))) / norm
+                out.append({"dtype": str(dtype).replace("torch.", ""), "direction": dname,
+                            "hvp": "central_difference" if central else "finite_difference",
+                            "eps_scale": scale, "eps": eps, "rel_error": err})
+    # what the tuner reads: the summed tangent's hypergradient after `hg_steps` steps
+    torch.manual_seed(0)
+    want = hd.hypergrad(p, hg_steps, "forward", tangent="summed")
+    ref = torch.cat([v.reshape(-1) for v in hd.space.flatten(want.grad).values()]).double()
+    for h in ("finite_difference", "central_difference"):
+        torch.manual_seed(0)
+        got = hd.hypergrad(p, hg_steps, "forward", tangent="summed", hvp=h)
+        est = torch.cat([v.reshape(-1) for v in hd.space.flatten(got.grad).values()]).double()
+        out.append({"dtype": str(dtype).replace("torch.", ""),
+                    "direction": f"hypergradient (summed, {hg_steps} steps)", "hvp": h,
+                    "eps_scale": 1.0, "eps": math.nan,
+                    "rel_error": float((est - ref).norm() / ref.norm()),
+                    "cosine": float(torch.nn.functional.cosine_similarity(est, ref, dim=0))})
+    return out
+
+
+def write_fd_error(rows: list[dict], out: Path, command: str) -> None:
+    """oho_cnn_fd_error.{json,md}: the difference products' relative errors (the rows of other
+    models already in the file are kept)."""
+    path = out / "oho_cnn_fd_error.json"
+    old = json.loads(path.read_text()) if path.exists() else {"commands": [], "rows": []}
+    models = {r["model"] for r in rows}
+    rows = [r for r in old["rows"] if r["model"] not in models] + rows
+    commands = [c for c in old.get("commands", [old.get("command")]) if c] + [command]
+    path.write_text(json.dumps({"commands": commands, "rows": rows}, indent=1) + "\n")
+    lines = ["# Difference Hessian-vector products against double backward", ""]
+    lines += [f"- `{c}`" for c in commands]
+    lines += ["", "Weights after 5 SGD steps (lr 0.05, momentum 0.9) on CIFAR-shaped "
+             "random tensors; ε = scale × fd_epsilon (c·(1 + ‖θ‖)/‖v‖, c = √u one-sided, "
+             "∛u central).", "",
+             "| model | dtype | direction | products | ε scale | ε | relative error |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['dtype']} | {r['direction']} | {r['hvp']} | "
+              f"{r['eps_scale']:g} | {r['eps']:.2e} | {r['rel_error']:.2e}"
+              + (f" (cosine {r['cosine']:.4f})" if "cosine" in r else "") + " |" for r in rows]
+    (out / "oho_cnn_fd_error.md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="batch 16, CNN only, 2 repetitions")
@@ -196,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="+", metavar="TEXT",
                     help="only the variants whose label holds one of these texts (the rows of "
                          "the others already in the results file are kept)")
+    ap.add_argument("--fd-error", action="store_true",
+                    help="instead of timing: the difference products' relative errors against "
+                         "double backward, float32 and float64 (oho_cnn_fd_error.{json,md})")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
     import hyperdescent as hd
@@ -205,6 +303,16 @@ def main(argv: list[str] | None = None) -> int:
     slow_reps = args.slow_reps or reps
     names = args.models or (["cnn"] + (["resnet18"] if args.resnet else []))
     out = Path(args.out)
+    if args.fd_error:
+        rows = [{"model": name, "batch": batch, **r} for name in names
+                for dtype in (torch.float32, torch.float64)
+                for r in fd_error(hd, MODELS[name], batch, dtype)]
+        for r in rows:
+            print(r, flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+        write_fd_error(rows, out, "python benchmarks/oho_cnn.py "
+                       + " ".join(sys.argv[1:] if argv is None else argv))
+        return 0
     old = out / "oho_cnn.json"
     kept = json.loads(old.read_text()) if old.exists() else {"meta": {}, "rows": []}
 
