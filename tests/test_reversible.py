@@ -201,8 +201,8 @@ def test_fixed_point_step_numpy_equals_torch(dtype, monkeypatch):
         v, states = torch.zeros(12, dtype=torch.int64), []
         for t in range(300):
             d = a @ rsgd.to_float(theta, fx.theta_inv) - b
-            if t == 0:
-                fx.set_velocity_range(d, torch.as_tensor(n / rsgd.MOMENTUM_DENOM), 2)
+            if t < 2:  # set again after a step: the kernels must use the new scales
+                fx.set_velocity_range(d * (t + 1), torch.as_tensor(n / rsgd.MOMENTUM_DENOM), 2)
             theta, v = rsgd.step(theta, v, d, lr * 4, n, fx, buf, t)
             states.append((theta, v, buf.head.clone()))
         words = buf.tape[:buf.top].clone()
@@ -269,6 +269,7 @@ def test_step_names_the_tensor_whose_gradient_velocity_or_weights_overflow(kerne
     with pytest.raises(NonFiniteError, match=r"gradient at step 3 is not finite.*\['w'\]"):
         attempt([0] * 5, [0] * 5, [math.nan, 0, 0, 0, 0])
     attempt([0] * 5, [0, 0, big - (1 << 60), 0, 0], [0, 0, 0.5, 0, 0])  # in range: no error
+    attempt([big] * 5, [big, -big, big, 0, 0], [0] * 5)  # at the limit, rounding to 2^62
 
 
 def test_diverging_run_raises_instead_of_wrapping():

@@ -264,8 +264,7 @@ class ReversibleEngine:
                 lr, wd, mu = (x.detach() for x in lanes_g)
                 n = lanes.numerators(mu)
                 lane_cots = [[x, None] for x in lanes_g if x.requires_grad]
-            v_next = sgd.velocity(v)
-            theta = sgd.unstep_position(theta, v, lr, t)
+            theta, v_next = sgd.unstep_position_velocity(theta, v, lr, t)
             batch = problem.train_batch(t)
             if self.inputs_grad:
                 batch = (batch[0].detach().requires_grad_(True), batch[1])

@@ -202,6 +202,16 @@ def _np(x: torch.Tensor) -> np.ndarray:
     return x.detach().numpy()
 
 
+def _np_of(fx: FixedPoint, name: str) -> np.ndarray:
+    """fx's tensor `name` as a numpy view, kept while fx holds the same tensor."""
+    x = getattr(fx, name)
+    cache = fx.__dict__.setdefault("_np_cache", {})
+    hit = cache.get(name)
+    if hit is None or hit[0] is not x:
+        hit = cache[name] = (x, _np(x))
+    return hit[1]
+
+
 def _np_checked_int(y: np.ndarray, layout: Layout, what: str, t: int | None) -> np.ndarray:
     """`_checked_int` of a numpy vector: the errors come from the torch check, which names
     the tensors."""
@@ -210,15 +220,20 @@ def _np_checked_int(y: np.ndarray, layout: Layout, what: str, t: int | None) -> 
     return y.astype(np.int64)
 
 
-def _np_check_int(i: np.ndarray, what: str, layout: Layout, t: int) -> None:
+def _np_check_int(i: np.ndarray, what: str, layout: Layout, t: int,
+                  as_float: np.ndarray | None = None) -> None:
+    # as_float: i rounded to float, whose range bounds i's (rounding is monotone and 2^62 a
+    # float): a cheaper reduction, with the exact one only when it is inconclusive
+    if as_float is not None and -INT_LIMIT < as_float.min() and as_float.max() < INT_LIMIT:
+        return
     if not (-INT_LIMIT < int(i.min()) and int(i.max()) < INT_LIMIT):
         _check_int(torch.from_numpy(i), what, layout, t)
 
 
-def _np_update(v: np.ndarray, scaled_lr: torch.Tensor, fx: FixedPoint, t: int) -> np.ndarray:
-    """`position_update` in numpy: the same float product, the same truncation."""
-    return _np_checked_int(v.astype(_np(fx.v_inv).dtype) * _np(scaled_lr), fx.layout,
-                           "lr·velocity", t)
+def _np_update(vf: np.ndarray, scaled_lr, fx: FixedPoint, t: int) -> np.ndarray:
+    """`position_update` in numpy from v as float (vf): the same product, the same
+    truncation."""
+    return _np_checked_int(vf * scaled_lr, fx.layout, "lr·velocity", t)
 
 
 def quantize_momentum(mu: torch.Tensor | float, denom: int = MOMENTUM_DENOM):
@@ -269,9 +284,10 @@ def step(theta: torch.Tensor, v: torch.Tensor, direction: torch.Tensor, lr: torc
         w = vi >> shift  # v·n/d as in mul_momentum, in place on fresh arrays
         w *= n
         w += buffer.exchange_numpy(vi & (denom - 1), shift, n)
-        w += _np_checked_int(_np(direction) * _np(fx.v_scale), fx.layout, "gradient", t)
-        _np_check_int(w, "velocity", fx.layout, t)
-        theta = theta.numpy() - _np_update(w, scaled_lr, fx, t)
+        w += _np_checked_int(_np(direction) * _np_of(fx, "v_scale"), fx.layout, "gradient", t)
+        wf = w.astype(_np_of(fx, "v_inv").dtype)
+        _np_check_int(w, "velocity", fx.layout, t, wf)
+        theta = theta.numpy() - _np_update(wf, _np(scaled_lr), fx, t)
         _np_check_int(theta, "weights", fx.layout, t)
         return torch.from_numpy(theta), torch.from_numpy(w)
     v = mul_momentum(v, n, buffer, denom) + to_fixed(direction, fx.v_scale, fx.layout,
@@ -294,18 +310,30 @@ def position_update(v: torch.Tensor, lr: torch.Tensor, fx: FixedPoint, t: int = 
 def unstep_position(theta: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, fx: FixedPoint,
                     t: int = 0, scaled_lr: torch.Tensor | None = None) -> torch.Tensor:
     """θ_t = θ_{t+1} + lr·v_{t+1}, exactly (the same rounded update the forward step took)."""
+    return unstep_position_velocity(theta, v, lr, fx, t, scaled_lr)[0]
+
+
+def unstep_position_velocity(theta: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
+                             fx: FixedPoint, t: int = 0,
+                             scaled_lr: torch.Tensor | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(θ_t, the float v_{t+1}): `unstep_position` and `to_float(v, fx.v_inv)` from one cast
+    of v."""
     if scaled_lr is None:
         scaled_lr = lr * fx.v_to_theta
     if _numpy(v, 1, fx):
-        return torch.from_numpy(theta.numpy() + _np_update(v.numpy(), scaled_lr, fx, t))
-    return theta + position_update(v, lr, fx, t, scaled_lr)
+        vf = v.numpy().astype(_np_of(fx, "v_inv").dtype)
+        theta = theta.numpy() + _np_update(vf, _np(scaled_lr), fx, t)
+        vf *= _np_of(fx, "v_inv")
+        return torch.from_numpy(theta), torch.from_numpy(vf)
+    return theta + position_update(v, lr, fx, t, scaled_lr), to_float(v, fx.v_inv)
 
 
 def unstep_velocity(v: torch.Tensor, direction: torch.Tensor, n, fx: FixedPoint, buffer,
                     t: int = 0, denom: int = MOMENTUM_DENOM) -> torch.Tensor:
     """v_t = (v_{t+1} - (g(θ_t) + wd·θ_t)) / μ, exactly, with the bits from the buffer."""
     if _numpy(v, n, fx):
-        w = v.numpy() - _np_checked_int(_np(direction) * _np(fx.v_scale), fx.layout,
+        w = v.numpy() - _np_checked_int(_np(direction) * _np_of(fx, "v_scale"), fx.layout,
                                         "gradient", t)
         q = np.floor_divide(w, n)  # div_momentum's arithmetic
         w -= q * n
@@ -366,6 +394,11 @@ class ReversibleSGD:
                         t: int = 0) -> torch.Tensor:
         """θ_t from θ_{t+1} and v_{t+1}, exactly."""
         return unstep_position(theta, v, lr, self.fx, t, self._scaled(lr))
+
+    def unstep_position_velocity(self, theta: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
+                                 t: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(θ_t, the float v_{t+1}) from θ_{t+1} and v_{t+1}, θ_t exactly."""
+        return unstep_position_velocity(theta, v, lr, self.fx, t, self._scaled(lr))
 
     def unstep_velocity(self, v: torch.Tensor, direction: torch.Tensor, n, buffer, t: int = 0
                         ) -> torch.Tensor:
