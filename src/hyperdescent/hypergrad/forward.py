@@ -12,7 +12,11 @@ optimizer's elementwise update is differentiated by its exact hand-written tange
 by differences of gradients (Liu, Simonyan & Yang 2019, "DARTS: Differentiable architecture
 search", Eq. 8), an approximation of the exact products of double backward (Pearlmutter 1994,
 "Fast exact multiplication by the Hessian"): H·v ≈ (∇L(θ+εv) − ∇L(θ))/ε, reusing the step's
-own gradient, or (∇L(θ+εv) − ∇L(θ−εv))/(2ε). See `finite_difference_hvp`.
+own gradient, or (∇L(θ+εv) − ∇L(θ−εv))/(2ε). See `finite_difference_hvp`. They need a smooth
+loss: every ReLU or max-pooling kink that θ ± εv crosses adds a gradient jump divided by ε, an
+error that does not shrink with ε. In float32, where ε cannot be small (rounding), they were
+O(1) wrong on a ReLU / max-pool CNN and within 0.3% on a GELU / average-pool one
+(benchmarks/results/oho_cnn_fd_error.md); check with `benchmarks/oho_cnn.py --fd-error`.
 """
 
 from __future__ import annotations
