@@ -98,6 +98,14 @@ def test_fd_epsilon_follows_its_rule():
     assert fd_epsilon(f32, {"a": v["a"].float()}, False) == pytest.approx(
         torch.finfo(torch.float32).eps ** 0.5 * 7, rel=1e-5)
     assert fd_epsilon(params, {"a": torch.zeros(4, dtype=torch.float64)}, False) == math.inf
+    # v = 0: no product (None, read as zero); a NaN direction is not hidden as zero
+    p = problem(mlp(), _lr_space(), hd.optim.SGD())
+    state, batch, hp, v = _at_step(p, 1)
+    zero = {n: torch.zeros_like(x) for n, x in v.items()}
+    assert finite_difference_hvp(p, state.params, state.buffers, batch, hp, zero, v) is None
+    nan = {n: torch.full_like(x, math.nan) for n, x in v.items()}
+    got = finite_difference_hvp(p, state.params, state.buffers, batch, hp, nan, v, True)
+    assert all(torch.isnan(x).all() for x in got.values())
 
 
 def test_fd_product_mutates_no_state_and_replays_the_dropout_masks():

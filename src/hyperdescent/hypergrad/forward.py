@@ -145,7 +145,7 @@ def finite_difference_hvp(problem: Problem, params: dict[str, torch.Tensor], buf
     central (∇L(θ+εv) − ∇L(θ−εv))/(2ε); ε by `fd_epsilon` unless given."""
     if eps is None:
         eps = fd_epsilon(params, v, central)
-    if not math.isfinite(eps):
+    if eps == math.inf:  # v = 0 (a non-finite v gives a NaN ε, which propagates)
         return None
     device = next(iter(params.values())).device
 
