@@ -114,10 +114,11 @@ def _flat_grad(problem: Problem, layout: rsgd.Layout, theta: torch.Tensor, batch
 
 def _cat(parts, like: list[torch.Tensor]) -> torch.Tensor | None:
     """Per-tensor gradients as one flat vector, zeros where a part is None (None if all are)."""
-    if all(x is None for x in parts):
-        return None
-    return torch.cat([(torch.zeros_like(w) if x is None else x).reshape(-1)
-                      for x, w in zip(parts, like)])
+    if any(x is None for x in parts):  # not `None in parts`: that calls Tensor.__eq__
+        if all(x is None for x in parts):
+            return None
+        parts = [torch.zeros_like(w) if x is None else x for x, w in zip(parts, like)]
+    return torch._C._nn.flatten_dense_tensors(parts)  # one C++ call: views and cat
 
 
 def _axpy(y: torch.Tensor, alpha: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

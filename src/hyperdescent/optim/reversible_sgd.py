@@ -198,6 +198,9 @@ def _numpy(v: torch.Tensor, n, fx: FixedPoint) -> bool:
     return coder.fast(v, n) and fx.v_inv.dtype in (torch.float32, torch.float64)
 
 
+_MIN, _MAX = np.minimum.reduce, np.maximum.reduce  # the ufuncs, without ndarray.min's wrapper
+
+
 def _np(x: torch.Tensor) -> np.ndarray:
     return x.detach().numpy()
 
@@ -215,7 +218,7 @@ def _np_of(fx: FixedPoint, name: str) -> np.ndarray:
 def _np_checked_int(y: np.ndarray, layout: Layout, what: str, t: int | None) -> np.ndarray:
     """`_checked_int` of a numpy vector: the errors come from the torch check, which names
     the tensors."""
-    if not (-INT_LIMIT < y.min() and y.max() < INT_LIMIT):  # NaN fails them too
+    if not (-INT_LIMIT < _MIN(y) and _MAX(y) < INT_LIMIT):  # NaN fails them too
         _checked_int(torch.from_numpy(y), layout, what, t)
     return y.astype(np.int64)
 
@@ -224,9 +227,9 @@ def _np_check_int(i: np.ndarray, what: str, layout: Layout, t: int,
                   as_float: np.ndarray | None = None) -> None:
     # as_float: i rounded to float, whose range bounds i's (rounding is monotone and 2^62 a
     # float): a cheaper reduction, with the exact one only when it is inconclusive
-    if as_float is not None and -INT_LIMIT < as_float.min() and as_float.max() < INT_LIMIT:
+    if as_float is not None and -INT_LIMIT < _MIN(as_float) and _MAX(as_float) < INT_LIMIT:
         return
-    if not (-INT_LIMIT < int(i.min()) and int(i.max()) < INT_LIMIT):
+    if not (-INT_LIMIT < int(_MIN(i)) and int(_MAX(i)) < INT_LIMIT):
         _check_int(torch.from_numpy(i), what, layout, t)
 
 
