@@ -125,6 +125,23 @@ def quality(task, variant: str, seed: int, steps: int) -> dict:
             "seconds": time.perf_counter() - t0, "rollbacks": tuner.rollbacks}
 
 
+def fd_check(task, lr_mult: float, steps: int) -> dict:
+    """The exact tangent's hypergradient with difference products (hvp="finite_difference")
+    against double backward's after `steps` steps at `lr_mult` x the start's lr: relative error
+    and cosine (the task's dtype)."""
+    p = make_problem(task, 0)
+    vals = p.real_hparams()
+    vals = {**vals, "lr": {k: v * lr_mult for k, v in vals["lr"].items()}}
+    got = {}
+    for hvp in ("autodiff", "finite_difference"):
+        r = hd.hypergrad(p, steps, "forward", hparams=vals, hvp=hvp)
+        got[hvp] = torch.cat([v.reshape(-1) for v in hd.space.flatten(r.grad).values()]).double()
+    a, b = got["autodiff"], got["finite_difference"]
+    return {"task": task.name, "lr_mult": lr_mult, "steps": steps, "dtype": str(p.dtype),
+            "rel_error": float((b - a).norm() / a.norm()),
+            "cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=0))}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", nargs="+", default=["digits_mlp", "mnist1d_mlp"])
@@ -136,9 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed-list", type=int, nargs="+", help="these seeds instead of --seeds")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="run nothing: write the tables of these results files together")
+    ap.add_argument("--fd-check", action="store_true",
+                    help="run only fd_check (lr x1 and x100, 50 steps) on --tasks and print it")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.fd_check:
+        rows = [fd_check(hd.tasks.get(n), m, 50) for n in args.tasks for m in (1, 100)]
+        print(json.dumps(rows, indent=1))
+        return 0
     var, runs, cost = [], [], []
     if args.merge:
         for f in args.merge:
