@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 import hyperdescent as hd
-from hyperdescent.hypergrad.forward import ForwardTangent
-from hyperdescent.hypergrad.uoro import UOROTangent
+from hyperdescent.hypergrad.forward import ForwardTangent, per_param_rows
+from hyperdescent.hypergrad.uoro import UOROTangent, _interleave, _norms, _ratio, _rows
 
 BENCH_QUICK_ARGS = ["--tasks", "digits_mlp", "--seeds", "1", "--steps", "60", "--variance-steps",
                     "30"]
@@ -98,6 +98,94 @@ def variance(task, steps: int) -> list[dict]:
     return out
 
 
+class UOROLast(UOROTangent):
+    """Plain UORO whose carry also keeps J s̃, the previous λ̃ and the newest F_t over all
+    columns, for a readout before compression (avenue B of issue 19; a benchmark only)."""
+
+    def step(self, carry, state, batch, leaves, t):
+        """`UOROTangent.step` for plain uoro, keeping J s̃, λ̃ and F_t in the carry."""
+        k, P = self.rows, len(self.columns)
+        gen = torch.Generator()
+        gen.set_state(carry["rng"])
+        lam = carry["lam"]
+        dt = lam.dtype
+        direct = torch.tensor(self._direct(t), dtype=dt)
+        signs = torch.randint(0, 2, (k, P), generator=gen).to(dt) * 2 - 1
+        c = torch.randint(0, 2, (k,), generator=gen).to(dt) * 2 - 1
+        nu = signs * direct
+        s = carry["s"] or None
+        Z = None
+        if s is not None:
+            Z = {key: {n: torch.cat([_interleave(z, torch.zeros_like(z)),
+                                     z.new_zeros((P, *z.shape[1:]))]) for n, z in d.items()}
+                 for key, d in s.items()}
+        eye = torch.diag(direct)
+        dirs = torch.cat([_interleave(torch.zeros_like(nu), nu), eye])
+
+        def directions(hp, params):
+            rows = {}
+            for key, v in hp.items():
+                r = torch.zeros((2 * k + P, *v.shape), dtype=v.dtype)
+                js, elems, _ = self._leaf_cols[key]
+                r.view(2 * k + P, -1)[:, elems] = dirs[:, js]
+                rows[key] = r
+            return rows, per_param_rows(rows, params)
+
+        direct_rows = (False, True) * k + tuple(bool(x) for x in direct)
+        new, Zn, loss = self.tangent_step(state, batch, leaves, t, Z, direct_rows, directions,
+                                          hz=(True, False) * k + (False,) * P)
+        js = {key: {n: z[0:2 * k:2] for n, z in d.items()} for key, d in Zn.items()}
+        fv = {key: {n: z[1:2 * k:2] for n, z in d.items()} for key, d in Zn.items()}
+        F = {key: {n: z[2 * k:] for n, z in d.items()} for key, d in Zn.items()}
+        rho0 = _ratio(lam.norm(dim=1), _norms(js, k))
+        rho1 = _ratio(nu.norm(dim=1), _norms(fv, k))
+        new_s = {key: {n: _rows(rho0, js[key][n]) + _rows(c * rho1, fv[key][n]) for n in d}
+                 for key, d in js.items()}
+        new_lam = lam / rho0[:, None] + (c / rho1)[:, None] * nu
+        return new, {"s": new_s, "S": {}, "lam": new_lam, "rng": gen.get_state(),
+                     "js": js["params"], "lam_prev": lam, "F": F["params"]}, loss
+
+    def pre_estimates(self, carry, c):
+        """Per sample, the estimate from the tangent before compression: (∇E·J s̃) λ̃ᵀ + ∇E·F_t."""
+        dots = sum(carry["js"][n].reshape(self.rows, -1) @ c[n].reshape(-1) for n in c)
+        est = dots[:, None] * carry["lam_prev"]
+        f = sum(carry["F"][n].reshape(carry["F"][n].shape[0], -1) @ c[n].reshape(-1) for n in c)
+        return est + f[None]
+
+
+def pre_readout(task, steps: int, samples: int = 1) -> list[dict]:
+    """Plain uoro's hypergradient read out after compression (as the library does) and before
+    it (`UOROLast.pre_estimates`), against exact on one trajectory every 10 steps, in raw
+    coordinates as `variance` compares them."""
+    p = make_problem(task, 0)
+    leaves = {k: v.detach() for k, v in hd.space.flatten(p.real_hparams()).items()}
+    dnat = hd.space.flatten(p.bound.dnatural_draw(p.bound.to_raw(p.real_hparams())))
+    exact, u = ForwardTangent(p, steps), UOROLast(p, steps, samples=samples, seed=1)
+    state, carry, cu = p.init_state(), exact.init(), u.init()
+    scale = torch.stack([dnat[col.members[0].leaf].reshape(-1)[col.members[0].index]
+                         for col in u.columns])
+    out = []
+    for t in range(steps):
+        batch = p.train_batch(t)
+        new_state, carry, _ = exact.step(carry, state, batch, leaves, t)
+        _, cu, _ = u.step(cu, state, batch, leaves, t)
+        state = new_state
+        if (t + 1) % 10 == 0:
+            vb = p.val_batch(t + 1)
+            _, g = exact.readout(carry, state, vb)
+            _, c, _ = p.val_grad(state.params, state.buffers, vb)
+            ref = torch.stack([g[col.members[0].leaf].reshape(-1)[col.members[0].index]
+                               for col in u.columns]) * scale
+            for kind, est in (("after compression", u.sample_estimates(cu, c).mean(0)),
+                              ("before compression", u.pre_estimates(cu, c).mean(0))):
+                est = est * scale
+                out.append({"task": task.name, "step": t + 1, "readout": kind,
+                            "cosine": float(torch.nn.functional.cosine_similarity(
+                                est, ref, dim=0)),
+                            "rel_error": float((est - ref).norm() / ref.norm())})
+    return out
+
+
 def step_cost(task, steps: int) -> list[dict]:
     """Seconds per OnlineTuner step of each variant as a ratio to exact's, the variants' steps
     interleaved in one process (round robin) so that a drifting load falls on all alike."""
@@ -153,11 +241,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed-list", type=int, nargs="+", help="these seeds instead of --seeds")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="run nothing: write the tables of these results files together")
+    ap.add_argument("--pre-readout", action="store_true",
+                    help="run only pre_readout (plain uoro k=1, 100 steps) on --tasks")
     ap.add_argument("--fd-check", action="store_true",
                     help="run only fd_check (lr x1 and x100, 50 steps) on --tasks and print it")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.pre_readout:
+        rows = [r for n in args.tasks for r in pre_readout(hd.tasks.get(n), 100)]
+        for n in args.tasks:
+            for kind in ("after compression", "before compression"):
+                sel = [r for r in rows if r["task"] == n and r["readout"] == kind]
+                print(f"{n} {kind}: median cosine "
+                      f"{statistics.median(r['cosine'] for r in sel):.3f}, median relative "
+                      f"error {statistics.median(r['rel_error'] for r in sel):.3f}")
+        return 0
     if args.fd_check:
         rows = [fd_check(hd.tasks.get(n), m, 50) for n in args.tasks for m in (1, 100)]
         print(json.dumps(rows, indent=1))
