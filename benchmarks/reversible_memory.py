@@ -14,11 +14,14 @@ reports
   process (T <= 1000: beyond that it is extrapolated linearly in T, marked "est.");
 * time: seconds per step (forward + reverse) divided by one plain torch.optim.SGD step
   (forward, backward, step on the same model and batches) timed in blocks just before and
-  after the run in the same process, so that load from other processes hits both alike;
-  `--reps` such interleaved (plain, run, plain) repetitions, the median ratio reported.
+  after the run in the same process (on each side T/2 steps, at least 250, in blocks of 50;
+  the median block), so that the plain steps sample the load over a time comparable to the
+  run's and load from other processes hits both alike; `--reps` such interleaved (plain, run,
+  plain) repetitions, the median ratio reported.
 
     python benchmarks/reversible_memory.py                 # T = 100 1000 5000
     python benchmarks/reversible_memory.py --T 100 --quick  # one small cell (*_quick.*)
+    python benchmarks/reversible_memory.py --T 1000 --betas 0.9 --quick  # a subset
 
 Writes benchmarks/results/reversible_memory.{json,md} and reversible_bits.png.
 """
@@ -78,7 +81,7 @@ class Plain:
         self.opt = torch.optim.SGD(self.net.parameters(), lr=lr_for(beta), momentum=beta,
                                    weight_decay=WD)
 
-    def seconds_per_step(self, steps=20, blocks=3) -> tuple[float, float]:
+    def seconds_per_step(self, steps=50, blocks=5) -> tuple[float, float]:
         """(wall, process CPU) seconds per step, medians over blocks."""
         F = self.torch.nn.functional
         walls, cpus = [], []
@@ -104,11 +107,11 @@ def worker(method: str, beta: float, T: int, reps: int = 3) -> dict:
     base = rss_mb()
     walls, cpus, plains, plain_cpus, ratios, cpu_ratios = [], [], [], [], [], []
     for _ in range(reps):  # interleaved: plain, run, plain; ratios per repetition, then medians
-        before = plain.seconds_per_step()
+        before = plain.seconds_per_step(50, max(5, T // 100))
         t0, c0 = time.perf_counter(), time.process_time()
         res = hd.hypergrad(problem, steps=T, method=method)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        after = plain.seconds_per_step()
+        after = plain.seconds_per_step(50, max(5, T // 100))
         walls.append(wall)
         cpus.append(cpu)
         plains.append(statistics.mean([before[0], after[0]]))
