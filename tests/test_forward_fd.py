@@ -217,3 +217,16 @@ def test_hvp_option_is_validated_everywhere():
     assert tuner.engine.hvp == "central_difference" and tuner.config["hvp"] == "central_difference"
     assert hd.OnlineTuner(p, method="greedy", hvp="finite_difference").engine.hvp == \
         "finite_difference"
+
+
+def test_difference_products_warn_on_a_model_with_kinks():
+    relu_net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(),
+                                   torch.nn.Linear(8, 3)).double()
+    p = problem(relu_net, _lr_space(), hd.optim.SGD())
+    with pytest.warns(UserWarning, match=r"ReLU module '1'.*hvp='autodiff'"):
+        hd.OnlineTuner(p, tangent="uoro", hvp="finite_difference")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hd.OnlineTuner(p, tangent="uoro")  # exact products: no warning
+        hd.OnlineTuner(problem(mlp(), _lr_space(), hd.optim.SGD()), hvp="central_difference")

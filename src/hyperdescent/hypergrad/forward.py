@@ -22,6 +22,7 @@ O(1) wrong on a ReLU / max-pool CNN and within 0.3% on a GELU / average-pool one
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +112,28 @@ def check_hvp(hvp) -> str:
     if not isinstance(hvp, str) or hvp not in HVPS:
         raise HyperparameterError(f"hvp={hvp!r} is not one of {HVPS}")
     return hvp
+
+
+#: modules whose output has kinks in the weights: a difference of gradients across one adds
+#: jump/ε to the product, an error that does not shrink with ε
+KINKED = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.LeakyReLU, torch.nn.PReLU, torch.nn.Hardtanh,
+          torch.nn.Hardswish, torch.nn.Hardsigmoid, torch.nn.MaxPool1d, torch.nn.MaxPool2d,
+          torch.nn.MaxPool3d, torch.nn.AdaptiveMaxPool1d, torch.nn.AdaptiveMaxPool2d,
+          torch.nn.AdaptiveMaxPool3d)
+
+
+def warn_if_kinked(model: torch.nn.Module, hvp: str) -> None:
+    """Warn that difference products are unreliable on a model with piecewise-linear modules
+    (ReLU, max-pooling: kinks the shifted weights cross), naming the first such module."""
+    if hvp == "autodiff":
+        return
+    kinked = next(((n, m) for n, m in model.named_modules() if isinstance(m, KINKED)), None)
+    if kinked is not None:
+        name, module = kinked
+        warnings.warn(f"hvp={hvp!r} takes Hessian-vector products by differences of gradients, "
+                      f"which kinks make unreliable, and the model has "
+                      f"{type(module).__name__} module {name!r}: use a smooth activation and "
+                      f"average pooling, or hvp='autodiff'", stacklevel=3)
 
 
 def fd_epsilon(params: dict[str, torch.Tensor], v: dict[str, torch.Tensor],
@@ -233,6 +256,7 @@ class ForwardTangent:
         self.hvp = check_hvp(hvp)
         if compile and self.hvp != "autodiff":
             raise HyperparameterError(f"hvp={hvp!r} is not supported with compile=True")
+        warn_if_kinked(problem.model, self.hvp)
         # with differences, the step's gradient needs a graph only for mixed ∂²L/∂θ∂λ terms:
         # unknown until the first step has looked (then True / False)
         self._mixed: bool | None = None
