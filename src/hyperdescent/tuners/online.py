@@ -67,7 +67,16 @@ class OnlineTuner:
     0.97 forgets them in tens of steps (0.39 there). Longer tangent horizons (reset every 100 or 200 steps, or
     never) recovered faster from lr/100 but diverged or failed to recover from lr x 10 on
     digits_mlp (benchmarks/oho_experiments.py perturbation). `reset_every` applies to the forward
-    tangent only. `history` holds one record per inner step (train loss,
+    tangent only, and so does `tangent_growth`: the tangent is also reset (the record says
+    `tangent_reset`: steps into its window) once its norm k steps after a reset exceeds
+    tangent_growth x k x its norm after the first step. A stable inner step adds its direct
+    effect to a contracting tangent, which grows about linearly (at most k/(1 - momentum)
+    times), while past the stability edge it grows geometrically and the hypergradient is
+    noise of random sign; on the bundled tasks stable windows stayed below 22 x k and
+    exploding ones passed 76 x k. From lr 0.5 on digits_mlp the default 50 lets OHO
+    bring the learning rate down (test loss 0.125, was 0.205 without it; fixed-lr median 0.180:
+    benchmarks/results/oho_stability.json); from lr/100 it never fires. `history` holds one
+    record per inner step (train loss,
     hyperparameters used, tangent norm, wall time) with the validation loss, the hypergradient
     (natural units) and its raw-coordinate norm on meta-steps, which are every step by
     default; hyper_every=2 with meta_lr=0.06 did as well on every bundled task in
@@ -87,7 +96,8 @@ class OnlineTuner:
                  backtrack: tuple[str, ...] = ("lr",), compile: bool | dict = False,
                  uoro_samples: int = 1, uoro_blocks: str = "all", uoro_centred: bool = False,
                  hvp: str = "autodiff", noise_tolerance: float = 4.0,
-                 meta_lr_floor: float = 0.01, meta_betas: tuple[float, float] = (0.9, 0.97)):
+                 meta_lr_floor: float = 0.01, meta_betas: tuple[float, float] = (0.9, 0.97),
+                 tangent_growth: float | None = 50.0):
         if method not in METHODS:
             raise HyperparameterError(f"method={method!r} is not one of {METHODS}")
         if meta_optimizer not in META_OPTIMIZERS:
@@ -133,6 +143,12 @@ class OnlineTuner:
                            noise_tolerance=noise_tolerance, meta_lr_floor=meta_lr_floor,
                            meta_betas=tuple(meta_betas) if isinstance(meta_betas, (tuple, list))
                            else meta_betas)
+        if tangent_growth is not None and (isinstance(tangent_growth, bool) or not isinstance(
+                tangent_growth, (int, float)) or not tangent_growth > 0
+                or not math.isfinite(tangent_growth)):
+            raise HyperparameterError(f"tangent_growth must be a positive number or None, got "
+                                      f"{tangent_growth!r}")
+        self.config["tangent_growth"] = tangent_growth
         self.horizon = horizon or 1000
         self.like = problem.real_hparams()
         bound = problem.bound
@@ -155,6 +171,9 @@ class OnlineTuner:
         self.events: list[dict[str, Any]] = []
         self._fault_step: int | None = None  # the step of the last non-finite rollback
         self.t = 0
+        # the tangent's window: the step it was last reset at, the norm after its first step,
+        # and whether it grew past tangent_growth (reset before the next step)
+        self._window: dict[str, Any] = {"start": 0, "first": None, "blown": False}
         self.elapsed = 0.0
         self.guard.snapshot(self._snapshot())
 
@@ -205,9 +224,12 @@ class OnlineTuner:
         t = self.t
         leaves = self._natural_leaves()
         hp_used = to_plain(problem.hp_at(unflatten(leaves, self.like), t, self.horizon))
-        if cfg["method"] == "greedy" or (cfg["method"] == "forward" and cfg["reset_every"]
-                                         and t % cfg["reset_every"] == 0):
+        win = self._window
+        if cfg["method"] == "greedy" or (cfg["method"] == "forward" and (
+                win["blown"] or (cfg["reset_every"]
+                                  and (t - win["start"]) % cfg["reset_every"] == 0))):
             self.carry = self.engine.reset(self.carry)
+            self._window = win = {"start": t, "first": None, "blown": False}
         if batch is None and cfg["method"] != "truncated":
             batch = problem.train_batch(t)
         # engines never write a state or carry in place: these stay the pre-step ones
@@ -237,6 +259,7 @@ class OnlineTuner:
                 self._fault_step = t
             self.elapsed += time.perf_counter() - t0
             return self._rollback(record)
+        self._watch_tangent(t, record)
         if self.t % cfg["hyper_every"] == 0:
             record.update(self._meta_step(val_batch))
         self.elapsed += time.perf_counter() - t0
@@ -245,6 +268,24 @@ class OnlineTuner:
         if self.guard.due(self.t):
             self.guard.snapshot(self._snapshot())
         return record
+
+    def _watch_tangent(self, t: int, record: dict[str, Any]) -> None:
+        """Mark the tangent for a reset once it grows faster than the inner step can carry
+        it while that step is stable."""
+        growth, win = self.config["tangent_growth"], self._window
+        if growth is None or self.config["method"] != "forward":
+            return
+        k, norm = t + 1 - win["start"], record["tangent_norm"]
+        if win["first"] is None:
+            win["first"] = norm
+        elif win["first"] > 0 and norm > growth * k * win["first"]:
+            # a contracting (stable) step adds its direct effect ∂step/∂λ to a decaying
+            # tangent, so the norm grows at most like k/(1 - momentum) x its first value;
+            # geometric growth means the step's Jacobian expands (the learning rate is past the
+            # stability edge) and the tangent, and with it the hypergradient, is chaotic noise:
+            # a fresh, short tangent still points the way
+            win["blown"] = True
+            record["tangent_reset"] = k
 
     def _meta_step(self, val_batch) -> dict[str, Any]:
         problem = self.problem
@@ -334,7 +375,7 @@ class OnlineTuner:
         callers copy)."""
         return {"t": self.t, "state": self.state.as_record(),
                 "carry": _carry_record(self.carry), "meta": self.meta.state_dict(),
-                "history_len": len(self.history)}
+                "history_len": len(self.history), "window": dict(self._window)}
 
     def _snapshot(self) -> dict[str, Any]:
         return copy_record(self._core())
@@ -346,6 +387,10 @@ class OnlineTuner:
         self.carry = _carry_from_record(snap["carry"])
         self.meta.load_state_dict(snap["meta"])
         del self.history[snap["history_len"]:]
+        reset = self.config["reset_every"]
+        # a record saved before windows were kept reset on multiples of reset_every
+        self._window = dict(snap.get("window") or {
+            "start": self.t - self.t % reset if reset else 0, "first": None, "blown": False})
 
     def state_dict(self) -> dict[str, Any]:
         """The whole state record: everything needed to continue this run exactly (tensors,
