@@ -1,8 +1,11 @@
 """The OHO experiments of seed 000: stability, perturbation, resets, granularity, overhead.
 
 Run: .venv/bin/python benchmarks/oho_experiments.py EXPERIMENT [--tasks ...] [--seeds 5]
+        [--set KEY=VALUE ...] [--tag NAME]
      EXPERIMENT in stability | perturbation | resets | granularity | overhead | all
-Writes benchmarks/results/oho_<experiment>.json and prints a summary per task.
+Writes benchmarks/results/oho_<experiment>[_TAG].json and prints a summary per task; --set
+passes OnlineTuner options to the OHO runs of stability and perturbation (default: its
+defaults).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from oho_recovery import parse_settings
 
 import hyperdescent as hd
 
@@ -79,13 +83,13 @@ def iqr(xs):
     return float(q3 - q1)
 
 
-def stability(task, seeds, steps):
+def stability(task, seeds, steps, **kw):
     """8 initial learning rates over 3 orders of magnitude: OHO vs fixed-lr spread."""
     lrs = list(np.geomspace(task.space["lr"].init / 100, task.space["lr"].init * 10, 8))
     oho, fixed = [], []
     for seed in seeds:
         for lr in lrs:
-            oho.append(oho_run(task, seed, lr, steps)["test_loss"])
+            oho.append(oho_run(task, seed, lr, steps, **kw)["test_loss"])
             fixed.append(fixed_run(task, seed, lr, steps))
     finite_fixed = [x for x in fixed if np.isfinite(x)]
     out = {"lrs": lrs, "oho": oho, "fixed": fixed, "oho_iqr": iqr(oho),
@@ -97,13 +101,13 @@ def stability(task, seeds, steps):
     return out
 
 
-def perturbation(task, seeds, steps):
+def perturbation(task, seeds, steps, **kw):
     """At half-way set lr to 10x and weight decay to its floor; final val loss vs unperturbed."""
     lr0 = task.space["lr"].init
     rows = []
     for seed in seeds:
-        base = oho_run(task, seed, lr0, steps)
-        pert = oho_run(task, seed, lr0, steps, perturb_at=steps // 2)
+        base = oho_run(task, seed, lr0, steps, **kw)
+        pert = oho_run(task, seed, lr0, steps, perturb_at=steps // 2, **kw)
         rows.append({"seed": seed, "val": base["val_loss"], "perturbed_val": pert["val_loss"],
                      "ratio": pert["val_loss"] / base["val_loss"]})
     ratios = [r["ratio"] for r in rows]
@@ -177,7 +181,11 @@ def main(argv=None):
     ap.add_argument("--tasks", nargs="+", default=["digits_mlp", "mnist1d_mlp"])
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an OnlineTuner option for stability and perturbation, repeatable")
+    ap.add_argument("--tag", default="", help="suffix of the result files")
     args = ap.parse_args(argv)
+    kw = parse_settings(args.set)
     torch.set_num_threads(1)
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
     RESULTS.mkdir(exist_ok=True)
@@ -185,11 +193,16 @@ def main(argv=None):
         result = {}
         for task_name in args.tasks:
             task = hd.tasks.get(task_name)
-            result[task_name] = EXPERIMENTS[name](task, list(range(args.seeds)), args.steps)
+            result[task_name] = EXPERIMENTS[name](
+                task, list(range(args.seeds)), args.steps,
+                **(kw if name in ("stability", "perturbation") else {}))
             summary = {k: v for k, v in result[task_name].items()
                        if not isinstance(v, list)}
             print(name, task_name, json.dumps(summary, default=str)[:1500], flush=True)
-        (RESULTS / f"oho_{name}.json").write_text(json.dumps(result, indent=1, default=str))
+        if kw:
+            result["settings"] = kw
+        stem = f"oho_{name}" + (f"_{args.tag}" if args.tag else "")
+        (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
 
 
 if __name__ == "__main__":
