@@ -5,7 +5,8 @@ grid (by its best validation loss), so that the horizon is one where the task it
 early and the figure measures recovery, not the task's convergence.
 
     python benchmarks/oho_recovery.py [--tasks digits_mlp digits_logreg cancer_logreg mnist1d_mlp]
-        [--seeds 3] [--steps 1500] [--set meta_lr=0.1 --set reset_every=none ...] [--tag NAME]
+        [--seeds 3] [--steps 1500] [--start 0.01] [--set meta_lr=0.1 --set reset_every=none ...]
+        [--tag NAME]
 
 Results: benchmarks/results/oho_recovery[_TAG].{json,md}.
 """
@@ -28,6 +29,7 @@ BENCH_QUICK_ARGS = ["--tasks", "digits_logreg", "--seeds", "1", "--steps", "90",
 TASKS = ["digits_mlp", "digits_logreg", "cancer_logreg", "mnist1d_mlp"]
 GRID = (1 / 100, 1 / 10, 1 / 3, 1, 3, 10)
 RESULTS = Path(__file__).resolve().parent / "results"
+TRACE_EVERY = 50  # steps between the trajectory points a run records
 
 
 def _problem(task, lr0: float, seed: int) -> hd.Problem:
@@ -57,11 +59,13 @@ def recovery(task, seed: int, steps: int, every: int, start: float = 0.01, **tun
         tuner_kw = dict(tuner_kw)
         tuner_kw["meta_betas"] = (0.9, tuner_kw.pop("beta2"))
     tuner = hd.OnlineTuner(_problem(task, lr0, seed), **tuner_kw)
-    curve = []
+    curve, trace = [], []
     try:
         while tuner.t < steps:
             tuner.run(min(steps, tuner.t + every))
             curve.append((tuner.t, tuner.evaluate("val")["loss"]))
+            if tuner.t % TRACE_EVERY == 0 or tuner.t == steps:
+                trace.append(_trace_point(tuner, TRACE_EVERY))
         test = tuner.evaluate("test")["loss"]
     except FloatingPointError:
         curve.append((steps, math.inf))
@@ -70,7 +74,22 @@ def recovery(task, seed: int, steps: int, every: int, start: float = 0.01, **tun
     return {"task": task.name, "seed": seed, "start": start, "curve": curve,
             "best_val": min(finite, default=math.inf), "final_val": curve[-1][1],
             "test_loss": test, "within_10pct_at": within(curve, steps),
-            "final_lr": float(tuner.hparams["lr"]), "rollbacks": tuner.rollbacks}
+            "final_lr": float(tuner.hparams["lr"]), "rollbacks": tuner.rollbacks,
+            "trace": trace, "events": tuner.events}
+
+
+def _trace_point(tuner, every: int) -> dict:
+    """What the tuner did over its last `every` records: the values it ends with, the share of
+    meta-steps whose hypergradient asked for a larger lr / weight decay, tangent resets by
+    growth, the meta learning rate and the rollbacks so far."""
+    recent = [r for r in tuner.history[-every:] if "hypergrad" in r]
+    def up(name):
+        return sum(1 for r in recent if r["hypergrad"][name] < 0) / max(1, len(recent))
+    return {"t": tuner.t, "lr": float(tuner.hparams["lr"]),
+            "weight_decay": float(tuner.hparams["weight_decay"]),
+            "lr_up": up("lr"), "wd_up": up("weight_decay"),
+            "growth_resets": sum(1 for r in tuner.history[-every:] if "tangent_reset" in r),
+            "meta_lr": tuner.meta_lr, "rollbacks": tuner.rollbacks}
 
 
 def fixed_curve(task, lr: float, seed: int, steps: int, every: int) -> list[tuple[int, float]]:
@@ -102,6 +121,29 @@ def best_fixed(task, steps: int, every: int, seed: int = 0) -> dict:
             "grid_within_10pct_at": fastest, "grid": best, "curve": curves[lr]}
 
 
+def trajectories(rows: list[dict], steps: int) -> list[str]:
+    """Markdown lines: per task and seed, lr, weight decay, the share of the last meta-steps
+    asking for a larger lr, growth resets, meta_lr and rollbacks at a few points of the run."""
+    marks = sorted({m - m % TRACE_EVERY or TRACE_EVERY for m in
+                    (steps // 30, steps // 10, steps // 5, steps // 3, steps // 2)} | {steps})
+    out = ["", "Trajectories at steps " + ", ".join(map(str, marks)) + ": lr / weight decay "
+           f"(the share of the {TRACE_EVERY} meta-steps before it whose hypergradient asked for a "
+           "larger lr); "
+           "then growth resets of the tangent, the final meta_lr and the rollbacks.", "",
+           "| task | seed | " + " | ".join(f"step {m}" for m in marks)
+           + " | growth resets | meta_lr | rollbacks |", "|---" * (len(marks) + 5) + "|"]
+    for row in rows:
+        for r in row["runs"]:
+            pts = {p["t"]: p for p in r.get("trace", [])}
+            cells = [f"{pts[m]['lr']:.3g} / {pts[m]['weight_decay']:.2g} ({pts[m]['lr_up']:.2f})"
+                     if m in pts else "" for m in marks]
+            last = r["trace"][-1] if r.get("trace") else {}
+            out.append(f"| {row['task']} | {r['seed']} | " + " | ".join(cells) + " | "
+                       f"{sum(p['growth_resets'] for p in r.get('trace', []))} | "
+                       f"{last.get('meta_lr', math.nan):.3g} | {r['rollbacks']} |")
+    return out
+
+
 def parse_settings(pairs: list[str]) -> dict:
     """KEY=VALUE tuner options (Python literals; 'none' for None)."""
     out = {}
@@ -117,13 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--every", type=int, default=10)
+    ap.add_argument("--start", type=float, default=0.01,
+                    help="the initial lr as a multiple of the task's default")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="an OnlineTuner option (default: the tuner's defaults), repeatable")
     ap.add_argument("--tag", default="", help="suffix of the result files")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     kw = parse_settings(args.set)
-    rows, lines = [], ["# OHO from a learning rate 100x too small", "",
+    title = ("a learning rate 100x too small" if args.start == 0.01 else
+             f"a learning rate {args.start:g} x the task's default")
+    rows, lines = [], [f"# OHO from {title}", "",
                        f"{args.steps} steps, {args.seeds} seeds, tuner options {kw or 'defaults'}; "
                        "validation loss on the whole split every "
                        f"{args.every} steps. Fractions of the run (median / worst over seeds) "
@@ -137,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.tasks:
         task = hd.tasks.get(name)
         fixed = best_fixed(task, args.steps, args.every)
-        runs = [recovery(task, s, args.steps, args.every, **kw) for s in range(args.seeds)]
+        runs = [recovery(task, s, args.steps, args.every, start=args.start, **kw)
+                for s in range(args.seeds)]
         for r in runs:
             r["within_10pct_of_grid_at"] = within(r["curve"], args.steps,
                                                   target=fixed["best_val"])
@@ -151,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{fixed['best_val']:.4f} (lr {fixed['lr']:.3g}) |")
         lines.append(line)
         print(line, flush=True)
+    lines += trajectories(rows, args.steps)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "oho_recovery" + (f"_{args.tag}" if args.tag else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps({"args": vars(args), "rows": rows},
