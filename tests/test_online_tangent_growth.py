@@ -20,7 +20,9 @@ def make_problem():
 
 
 def _run(steps, **kw):
-    # meta_lr 0: every tuner walks the same weights, so their tangents can be compared
+    # meta_lr 0 and no backtracking: every tuner walks the same weights, so their tangents can
+    # be compared
+    kw = {"backtrack": (), **kw}
     tuner = hd.OnlineTuner(make_problem(), meta_optimizer="sgd", meta_lr=0.0, **kw)
     tuner.run(steps)
     return tuner
@@ -75,7 +77,8 @@ def test_tangent_growth_must_be_a_positive_finite_number_or_none(bad):
 
 def test_a_resumed_run_resets_where_an_uninterrupted_one_does(tmp_path):
     straight = _run(24, tangent_growth=1.1)
-    first = hd.OnlineTuner(make_problem(), meta_optimizer="sgd", meta_lr=0.0, tangent_growth=1.1)
+    first = hd.OnlineTuner(make_problem(), meta_optimizer="sgd", meta_lr=0.0, tangent_growth=1.1,
+                           backtrack=())
     first.run(11)
     first.save(tmp_path / "t.pt")
     resumed = hd.OnlineTuner.load(tmp_path / "t.pt", make_problem()).run(24)
@@ -91,3 +94,15 @@ def test_a_record_saved_before_windows_resets_on_multiples_of_reset_every():
     del snap["window"]
     tuner._restore_snapshot(snap)
     assert tuner._window == {"start": 10, "first": None, "blown": False}
+
+
+def test_a_growth_reset_halves_the_learning_rate_as_a_rollback_would():
+    tuner = _run(30, tangent_growth=1.1, backtrack=("lr",))
+    hist = tuner.history
+    blown = [t for t, r in enumerate(hist) if "tangent_reset" in r]
+    assert blown
+    for t in range(1, len(hist)):
+        ratio = hist[t]["hparams"]["lr"] / hist[t - 1]["hparams"]["lr"]
+        # meta_lr 0: the learning rate moves only by the halving after a blown step
+        assert ratio == pytest.approx(0.5 if t - 1 in blown else 1.0, rel=1e-6), t
+    assert hist[0]["hparams"]["weight_decay"] == hist[-1]["hparams"]["weight_decay"]
