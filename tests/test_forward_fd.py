@@ -230,3 +230,19 @@ def test_difference_products_warn_on_a_model_with_kinks():
         warnings.simplefilter("error")
         hd.OnlineTuner(p, tangent="uoro")  # exact products: no warning
         hd.OnlineTuner(problem(mlp(), _lr_space(), hd.optim.SGD()), hvp="central_difference")
+
+
+def test_fd_product_defaults():
+    p = problem(mlp(), _lr_space(), hd.optim.SGD())
+    state, batch, hp, v = _at_step(p, 1)
+    _, g0, rng = _autodiff_hvp(p, state, batch, hp, v)
+    args = (p, state.params, state.buffers, batch, hp, v)
+    # one-sided by default, which needs the step's gradient (the message names it)
+    with pytest.raises(hd.HyperparameterError, match=r"needs grad0 = ∇L\(θ\)"):
+        finite_difference_hvp(*args)
+    # the default ε is fd_epsilon's for the kind of difference asked for
+    for central in (False, True):
+        eps = fd_epsilon(state.params, v, central)
+        default = finite_difference_hvp(*args, g0, central, rng=rng)
+        given = finite_difference_hvp(*args, g0, central, eps=eps, rng=rng)
+        assert all(torch.equal(default[n], given[n]) for n in given)
