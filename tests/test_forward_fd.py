@@ -220,10 +220,10 @@ def test_hvp_option_is_validated_everywhere():
 
 
 def test_difference_products_warn_on_a_model_with_kinks():
-    relu_net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(),
-                                   torch.nn.Linear(8, 3)).double()
-    p = problem(relu_net, _lr_space(), hd.optim.SGD())
-    with pytest.warns(UserWarning, match=r"ReLU module '1'.*hvp='autodiff'"):
+    kinked = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Hardswish(),
+                                 torch.nn.Linear(8, 3)).double()
+    p = problem(kinked, _lr_space(), hd.optim.SGD())
+    with pytest.warns(UserWarning, match=r"Hardswish module '1', whose active piece is not"):
         hd.OnlineTuner(p, tangent="uoro", hvp="finite_difference")
     import warnings
     with warnings.catch_warnings():
@@ -246,3 +246,49 @@ def test_fd_product_defaults():
         default = finite_difference_hvp(*args, g0, central, rng=rng)
         given = finite_difference_hvp(*args, g0, central, eps=eps, rng=rng)
         assert all(torch.equal(default[n], given[n]) for n in given)
+
+
+def _kinked_convnet(inplace=False):
+    torch.manual_seed(1)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(inplace=inplace),
+        torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(4 * 2 * 2, 8),
+        torch.nn.LeakyReLU(0.1), torch.nn.Linear(8, 3)).double()
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_frozen_kinks_make_difference_products_exact_on_a_relu_maxpool_net(inplace):
+    from hyperdescent.hypergrad.kinks import KinkPatterns
+    x, y = image_data()
+    p = problem(_kinked_convnet(inplace), _lr_space(), hd.optim.SGD(momentum=0.9), x=x, y=y)
+    state, batch, hp, v = _at_step(p)
+    want, g0, rng = _autodiff_hvp(p, state, batch, hp, v)
+    kinks = KinkPatterns(p.model)
+    assert len(kinks.modules) == 3
+    params = {n: t.detach().requires_grad_(True) for n, t in state.params.items()}
+    with kinks.record():
+        _, g_rec, _, _ = p.train_grad(params, state.buffers, batch, hp)
+    assert all(torch.equal(g_rec[n], g0[n]) for n in g0)  # recording changes nothing
+    # unfrozen, every kink the shifted weights cross adds jump/ε: the error grows as ε
+    # shrinks; with the pieces recorded at θ replayed, it falls as O(ε²)
+    args = (p, state.params, state.buffers, batch, hp, v, g0, True)
+    loose = [_rel(finite_difference_hvp(*args, eps=e, rng=rng), want) for e in (1e-2, 1e-3)]
+    frozen = [_rel(finite_difference_hvp(*args, eps=e, rng=rng, kinks=kinks), want)
+              for e in (1e-2, 1e-3)]
+    assert loose[1] > loose[0] > 0.5, loose
+    assert frozen[1] < 3e-5 and 50 < frozen[0] / frozen[1] < 200, frozen
+    one_sided = finite_difference_hvp(p, state.params, state.buffers, batch, hp, v, g0,
+                                      rng=rng, kinks=kinks)
+    assert _rel(one_sided, want) < 1e-6
+    assert p.model[1].inplace == inplace  # put back as it was
+
+
+def test_forward_hypergradient_with_frozen_kinks_matches_autodiff():
+    x, y = image_data()
+    p = problem(_kinked_convnet(), _lr_space(), hd.optim.SGD(momentum=0.9), x=x, y=y)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ReLU, LeakyReLU and MaxPool are frozen: no warning
+        got = hd.hypergrad(p, STEPS, "forward", hvp="central_difference")
+    want = hd.hypergrad(p, STEPS, "forward")
+    assert float((_flat(got) - _flat(want)).norm() / _flat(want).norm()) < 1e-6

@@ -12,17 +12,19 @@ optimizer's elementwise update is differentiated by its exact hand-written tange
 by differences of gradients (Liu, Simonyan & Yang 2019, "DARTS: Differentiable architecture
 search", Eq. 8), an approximation of the exact products of double backward (Pearlmutter 1994,
 "Fast exact multiplication by the Hessian"): H·v ≈ (∇L(θ+εv) − ∇L(θ))/ε, reusing the step's
-own gradient, or (∇L(θ+εv) − ∇L(θ−εv))/(2ε). See `finite_difference_hvp`. They need a smooth
-loss: every ReLU or max-pooling kink that θ ± εv crosses adds a gradient jump divided by ε, an
-error that does not shrink with ε. In float32, where ε cannot be small (rounding), they were
-O(1) wrong on a ReLU / max-pool CNN and within 0.3% on a GELU / average-pool one
-(benchmarks/results/oho_cnn_fd_error.md); check with `benchmarks/oho_cnn.py --fd-error`.
+own gradient, or (∇L(θ+εv) − ∇L(θ−εv))/(2ε). See `finite_difference_hvp`. Every ReLU or
+max-pooling kink that θ ± εv crosses would add a gradient jump divided by ε, an error that does
+not shrink with ε (in float32, where ε cannot be small, O(1) on a ReLU / max-pool CNN): the
+step's gradient records the active piece of each ReLU, LeakyReLU and max-pool module and the
+shifted gradients replay it (`kinks.KinkPatterns`); other kinked modules get a warning. Check
+a model with `benchmarks/oho_cnn.py --fd-error`.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +37,7 @@ from ..space import flatten, unflatten
 from .common import CostMeter, HypergradResult, finish
 from .engine import run
 from .forward_fused import fused_step
+from .kinks import KinkPatterns, freezable
 
 StateTensors = dict[str, dict[str, torch.Tensor]]
 
@@ -124,16 +127,18 @@ KINKED = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.LeakyReLU, torch.nn.PReLU, tor
 
 def warn_if_kinked(model: torch.nn.Module, hvp: str) -> None:
     """Warn that difference products are unreliable on a model with piecewise-linear modules
-    (ReLU, max-pooling: kinks the shifted weights cross), naming the first such module."""
+    whose active piece `KinkPatterns` does not freeze, naming the first such module."""
     if hvp == "autodiff":
         return
-    kinked = next(((n, m) for n, m in model.named_modules() if isinstance(m, KINKED)), None)
+    kinked = next(((n, m) for n, m in model.named_modules()
+                   if isinstance(m, KINKED) and not freezable(m)), None)
     if kinked is not None:
         name, module = kinked
         warnings.warn(f"hvp={hvp!r} takes Hessian-vector products by differences of gradients, "
                       f"which kinks make unreliable, and the model has "
-                      f"{type(module).__name__} module {name!r}: use a smooth activation and "
-                      f"average pooling, or hvp='autodiff'", stacklevel=3)
+                      f"{type(module).__name__} module {name!r}, whose active piece is not "
+                      f"frozen (only ReLU, LeakyReLU and MaxPool modules are): use one of "
+                      f"those, a smooth activation, or hvp='autodiff'", stacklevel=3)
 
 
 def fd_epsilon(params: dict[str, torch.Tensor], v: dict[str, torch.Tensor],
@@ -161,11 +166,12 @@ def rng_snapshot(device: torch.device):
 
 def finite_difference_hvp(problem: Problem, params: dict[str, torch.Tensor], buffers, batch,
                           hp, v: dict[str, torch.Tensor], grad0: dict | None = None,
-                          central: bool = False, eps: float | None = None, rng=None
-                          ) -> dict[str, torch.Tensor] | None:
+                          central: bool = False, eps: float | None = None, rng=None,
+                          kinks: KinkPatterns | None = None) -> dict[str, torch.Tensor] | None:
     """H·v of the training loss at θ = `params` by a difference of gradients (an
     approximation; None when v = 0): one-sided (∇L(θ+εv) − grad0)/ε with grad0 = ∇L(θ), or
-    central (∇L(θ+εv) − ∇L(θ−εv))/(2ε); ε by `fd_epsilon` unless given."""
+    central (∇L(θ+εv) − ∇L(θ−εv))/(2ε); ε by `fd_epsilon` unless given. `kinks`: the
+    active pieces recorded at θ (with grad0), replayed at the shifted weights."""
     if eps is None:
         eps = fd_epsilon(params, v, central)
     if eps == math.inf:  # v = 0 (a non-finite v gives a NaN ε, which propagates)
@@ -184,7 +190,8 @@ def finite_difference_hvp(problem: Problem, params: dict[str, torch.Tensor], buf
                 torch.random.set_rng_state(rng[0])
                 if rng[1] is not None:
                     torch.cuda.set_rng_state(rng[1], device)
-            _, g, _, _ = problem.train_grad(shifted, buffers, batch, hp)
+            with kinks.replay() if kinks else nullcontext():
+                _, g, _, _ = problem.train_grad(shifted, buffers, batch, hp)
         return g
 
     plus = grad_at(1.0)
@@ -257,6 +264,8 @@ class ForwardTangent:
         if compile and self.hvp != "autodiff":
             raise HyperparameterError(f"hvp={hvp!r} is not supported with compile=True")
         warn_if_kinked(problem.model, self.hvp)
+        # the ReLU / max-pool pieces of each step's gradient, replayed on its difference passes
+        self._kinks = KinkPatterns(problem.model) if self.hvp != "autodiff" else None
         # with differences, the step's gradient needs a graph only for mixed ∂²L/∂θ∂λ terms:
         # unknown until the first step has looked (then True / False)
         self._mixed: bool | None = None
@@ -369,9 +378,10 @@ class ForwardTangent:
         fd = self.hvp != "autodiff"
         graph = not fd or self._mixed is not False
         rng = rng_snapshot(problem.device) if fd else None
-        loss, g, buffers, g_hp = problem.train_grad(
-            params, state.buffers, batch, unflatten(hp_cur, self.like), create_graph=graph,
-            wrt=hp_cur if graph else None)
+        with self._kinks.record() if fd and self._kinks else nullcontext():
+            loss, g, buffers, g_hp = problem.train_grad(
+                params, state.buffers, batch, unflatten(hp_cur, self.like), create_graph=graph,
+                wrt=hp_cur if graph else None)
         if fd and self._mixed is None:
             self._mixed = any(x is not None and x.requires_grad for x in g_hp.values())
         keys = list(hp_cur)
@@ -406,7 +416,7 @@ class ForwardTangent:
             def product(v):
                 return finite_difference_hvp(problem, primal_p, state.buffers, batch, hp_struct,
                                              v, grad0, self.hvp == "central_difference",
-                                             rng=rng)
+                                             rng=rng, kinks=self._kinks)
         dg = self._dgrad(params, g, g_hp, keys, rows, Z, direct, n, hz, product)
         if self.clamp_grad is not None:
             dg = {k: d * keep[k] for k, d in dg.items()}
