@@ -203,6 +203,7 @@ def fd_error(hd, make, batch: int, dtype, scales=(0.1, 1.0, 10.0), hg_steps: int
     (`fd_epsilon`) times each of `scales`; and the relative error and cosine of a per-layer lr
     hypergradient (summed tangent) with difference products against autodiff's."""
     from hyperdescent.hypergrad.forward import fd_epsilon, finite_difference_hvp, rng_snapshot
+    from hyperdescent.hypergrad.kinks import KinkPatterns
 
     torch.manual_seed(0)
     x, y = torch.randn(batch * 4, 3, 32, 32, dtype=dtype), torch.randint(0, 10, (batch * 4,))
@@ -218,7 +219,9 @@ def fd_error(hd, make, batch: int, dtype, scales=(0.1, 1.0, 10.0), hg_steps: int
     batch_t = p.train_batch(5)
     rng = rng_snapshot(p.device)
     params = {n: q.detach().requires_grad_(True) for n, q in state.params.items()}
-    _, g, _, _ = p.train_grad(params, state.buffers, batch_t, hp, create_graph=True)
+    kinks = KinkPatterns(p.model)
+    with kinks.record():  # the pieces the library's difference products replay
+        _, g, _, _ = p.train_grad(params, state.buffers, batch_t, hp, create_graph=True)
     g0 = {n: q.detach() for n, q in g.items()}
     gen = torch.Generator().manual_seed(1)
     dirs = {"random": {n: torch.randn(q.shape, generator=gen, dtype=dtype)
@@ -228,16 +231,19 @@ def fd_error(hd, make, batch: int, dtype, scales=(0.1, 1.0, 10.0), hg_steps: int
         want = dict(zip(params, p.vjp(list(g.values()), list(params.values()),
                                       [v[n] for n in g], retain_graph=True)))
         norm = float(torch.sqrt(sum((w.double() ** 2).sum() for w in want.values())))
-        for central in (False, True):
-            for scale in scales:
-                eps = scale * fd_epsilon(state.params, v, central)
-                got = finite_difference_hvp(p, state.params, state.buffers, batch_t, hp, v, g0,
-                                            central, eps=eps, rng=rng)
-                err = float(torch.sqrt(sum(((got[n] - want[n]).double() ** 2).sum()
-                                           for n in want))) / norm
-                out.append({"dtype": str(dtype).replace("torch.", ""), "direction": dname,
-                            "hvp": "central_difference" if central else "finite_difference",
-                            "eps_scale": scale, "eps": eps, "rel_error": err})
+        for frozen in ((False, True) if kinks else (False,)):
+            for central in (False, True):
+                for scale in scales:
+                    eps = scale * fd_epsilon(state.params, v, central)
+                    got = finite_difference_hvp(p, state.params, state.buffers, batch_t, hp, v,
+                                                g0, central, eps=eps, rng=rng,
+                                                kinks=kinks if frozen else None)
+                    err = float(torch.sqrt(sum(((got[n] - want[n]).double() ** 2).sum()
+                                               for n in want))) / norm
+                    out.append({"dtype": str(dtype).replace("torch.", ""), "direction": dname,
+                                "hvp": "central_difference" if central else "finite_difference",
+                                "frozen": frozen, "eps_scale": scale, "eps": eps,
+                                "rel_error": err})
     # what the tuner reads: the summed tangent's hypergradient after `hg_steps` steps
     torch.manual_seed(0)
     want = hd.hypergrad(p, hg_steps, "forward", tangent="summed")
@@ -248,6 +254,7 @@ def fd_error(hd, make, batch: int, dtype, scales=(0.1, 1.0, 10.0), hg_steps: int
         est = torch.cat([v.reshape(-1) for v in hd.space.flatten(got.grad).values()]).double()
         out.append({"dtype": str(dtype).replace("torch.", ""),
                     "direction": f"hypergradient (summed, {hg_steps} steps)", "hvp": h,
+                    "frozen": bool(kinks),
                     "eps_scale": 1.0, "eps": math.nan,
                     "rel_error": float((est - ref).norm() / ref.norm()),
                     "cosine": float(torch.nn.functional.cosine_similarity(est, ref, dim=0))})
@@ -268,9 +275,14 @@ def write_fd_error(rows: list[dict], out: Path, command: str) -> None:
     lines += ["", "Weights after 5 SGD steps (lr 0.05, momentum 0.9) on CIFAR-shaped "
              "random tensors; ε = scale × fd_epsilon (c·(1 + ‖θ‖)/‖v‖, c = √u one-sided, "
              "∛u central).", "",
-             "| model | dtype | direction | products | ε scale | ε | relative error |",
-             "|---|---|---|---|---|---|---|"]
+             "ReLU / max-pool pieces frozen: the active piece of each such module recorded at θ "
+             "and replayed at θ ± εv (`hypergrad/kinks.py`), as the library's difference "
+             "products do; rows without it are the plain differences.", "",
+             "| model | dtype | direction | products | pieces frozen | ε scale | ε | relative "
+             "error |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['dtype']} | {r['direction']} | {r['hvp']} | "
+              f"{'yes' if r.get('frozen') else 'no'} | "
               f"{r['eps_scale']:g} | {r['eps']:.2e} | {r['rel_error']:.2e}"
               + (f" (cosine {r['cosine']:.4f})" if "cosine" in r else "") + " |" for r in rows]
     (out / "oho_cnn_fd_error.md").write_text("\n".join(lines) + "\n")
