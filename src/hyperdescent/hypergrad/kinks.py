@@ -4,7 +4,7 @@ A difference of gradients (∇L(θ+εv) − ∇L(θ))/ε is wrong by O(1) wherev
 move a ReLU's input or a max-pool's winner across a kink: each crossing adds its jump over ε,
 which no ε removes. Double backward never sees those jumps (ReLU'' = 0 almost everywhere), so
 it differentiates the network restricted to the pieces active at θ. `KinkPatterns` records
-those pieces on a forward pass at θ (each ReLU's sign pattern, each max-pool's winning indices)
+those pieces on a forward pass at θ (each ReLU's slopes, each max-pool's winning indices)
 and replays them on the shifted passes, where the module then computes the same linear piece
 (x·mask, the input gathered at the recorded winners): the difference then approximates the
 same product as double backward, with only the smooth parts' O(ε) (one-sided) or O(ε²)
@@ -34,16 +34,6 @@ def freezable(module: nn.Module) -> bool:
     return isinstance(module, MASKED)
 
 
-def _pool_indices(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The flat index (within its channel's spatial block) of each window's maximum."""
-    rank = POOLS[type(module)]
-    fn = {1: nn.functional.max_pool1d, 2: nn.functional.max_pool2d,
-          3: nn.functional.max_pool3d}[rank]
-    _, idx = fn(x, module.kernel_size, module.stride, module.padding, module.dilation,
-                ceil_mode=module.ceil_mode, return_indices=True)
-    return idx
-
-
 def _gather_pool(module: nn.Module, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """The max-pool's output with its winners fixed at `idx`: x gathered there."""
     rank = POOLS[type(module)]
@@ -63,19 +53,25 @@ class KinkPatterns:
         return bool(self.modules)
 
     @contextmanager
-    def _hooked(self, hook) -> Iterator[None]:
-        # an in-place ReLU would hand the hook its output in place of its input
-        inplace = [(m, m.inplace) for m in self.modules if getattr(m, "inplace", False)]
-        for m, _ in inplace:
+    def _hooked(self, hook, indices: bool = False) -> Iterator[None]:
+        # an in-place ReLU would hand the hook its output in place of its input; a max-pool
+        # asked for its winners' indices computes them in its own pass
+        inplace = [m for m in self.modules if getattr(m, "inplace", False)]
+        pools = [m for m in self.modules if type(m) in POOLS] if indices else []
+        for m in inplace:
             m.inplace = False
+        for m in pools:
+            m.return_indices = True
         handles = [m.register_forward_hook(hook) for m in self.modules]
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
-            for m, flag in inplace:
-                m.inplace = flag
+            for m in inplace:
+                m.inplace = True
+            for m in pools:
+                m.return_indices = False
 
     @contextmanager
     def record(self) -> Iterator[None]:
@@ -83,12 +79,18 @@ class KinkPatterns:
         self.patterns = []
 
         def hook(module, inputs, output):
+            if type(module) in POOLS:  # asked for its indices by `_hooked`
+                out, idx = output
+                self.patterns.append(idx)
+                return out
             x = inputs[0].detach()
-            with torch.no_grad():
-                self.patterns.append(_pool_indices(module, x) if type(module) in POOLS
-                                     else x > 0)
+            # the slope of each element's piece: a product replays it (torch.where and its
+            # backward cost several times a multiplication on CPU)
+            slope = module.negative_slope if isinstance(module, nn.LeakyReLU) else 0.0
+            on = (x > 0).to(x.dtype)
+            self.patterns.append(on if slope == 0.0 else on * (1.0 - slope) + slope)
 
-        with self._hooked(hook):
+        with self._hooked(hook, indices=True):
             yield
 
     @contextmanager
@@ -105,8 +107,7 @@ class KinkPatterns:
             x = inputs[0]
             if type(module) in POOLS:
                 return _gather_pool(module, x, pattern)
-            slope = module.negative_slope if isinstance(module, nn.LeakyReLU) else 0.0
-            return torch.where(pattern, x, slope * x)
+            return x * pattern
 
         with self._hooked(hook):
             yield
