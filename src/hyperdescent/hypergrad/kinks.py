@@ -87,8 +87,8 @@ class KinkPatterns:
             # the slope of each element's piece: a product replays it (torch.where and its
             # backward cost several times a multiplication on CPU)
             slope = module.negative_slope if isinstance(module, nn.LeakyReLU) else 0.0
-            on = (x > 0).to(x.dtype)
-            self.patterns.append(on if slope == 0.0 else on * (1.0 - slope) + slope)
+            self.patterns.append((x > 0).to(x.dtype) if slope == 0.0 else
+                                 torch.full_like(x, slope).masked_fill_(x > 0, 1.0))
 
         with self._hooked(hook, indices=True):
             yield
