@@ -53,10 +53,13 @@ class _Basic(nn.Module):
         self.short = nn.Sequential()
         if stride != 1 or i != o:
             self.short = nn.Sequential(nn.Conv2d(i, o, 1, stride, bias=False), nn.BatchNorm2d(o))
+        # one module called twice, as torchvision's BasicBlock does (a module, not torch.relu,
+        # so that difference products can freeze its pieces)
+        self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x):
-        out = torch.relu(self.b1(self.c1(x)))
-        return torch.relu(self.b2(self.c2(out)) + self.short(x))
+        out = self.relu(self.b1(self.c1(x)))
+        return self.relu(self.b2(self.c2(out)) + self.short(x))
 
 
 def resnet18() -> nn.Module:
