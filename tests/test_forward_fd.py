@@ -281,6 +281,29 @@ def test_frozen_kinks_make_difference_products_exact_on_a_relu_maxpool_net(inpla
                                       rng=rng, kinks=kinks)
     assert _rel(one_sided, want) < 1e-6
     assert p.model[1].inplace == inplace  # put back as it was
+    assert p.model[2].return_indices is False
+
+
+def test_frozen_kinks_follow_a_module_called_twice():
+    from hyperdescent.hypergrad.kinks import KinkPatterns
+    torch.manual_seed(2)
+    relu = torch.nn.ReLU(inplace=True)  # one module, two calls (as torchvision's blocks do)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), relu, torch.nn.Linear(8, 8), relu,
+                              torch.nn.Linear(8, 3)).double()
+    p = problem(net, _lr_space(), hd.optim.SGD())
+    state, batch, hp, v = _at_step(p)
+    want, g0, rng = _autodiff_hvp(p, state, batch, hp, v)
+    kinks = KinkPatterns(p.model)
+    params = {n: t.detach().requires_grad_(True) for n, t in state.params.items()}
+    with kinks.record():
+        p.train_grad(params, state.buffers, batch, hp)
+    assert len(kinks.modules) == 1 and len(kinks.patterns) == 2
+    got = finite_difference_hvp(p, state.params, state.buffers, batch, hp, v, g0, True,
+                                eps=1e-3, rng=rng, kinks=kinks)
+    assert _rel(got, want) < 3e-5
+    loose = finite_difference_hvp(p, state.params, state.buffers, batch, hp, v, g0, True,
+                                  eps=1e-3, rng=rng)
+    assert _rel(loose, want) > 1.0  # kinks crossed: what the replay is for
 
 
 def test_forward_hypergradient_with_frozen_kinks_matches_autodiff():
