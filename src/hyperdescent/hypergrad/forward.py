@@ -411,7 +411,7 @@ class ForwardTangent:
         rows, dhp = directions(primal_h, primal_p)
         product = None
         if fd:
-            grad0 = {n: None if x is None else x.detach() for n, x in g.items()}
+            grad0 = {n: x.detach() for n, x in g.items()}  # unclamped, unlike primal_g
 
             def product(v):
                 return finite_difference_hvp(problem, primal_p, state.buffers, batch, hp_struct,
@@ -499,8 +499,7 @@ class ForwardTangent:
                 if row:
                     self.hvps += 1
                 if self.clamp_hz is not None:
-                    row = {n: None if h is None else h.clamp(-self.clamp_hz, self.clamp_hz)
-                           for n, h in row.items()}
+                    row = {n: h.clamp(-self.clamp_hz, self.clamp_hz) for n, h in row.items()}
             if direct[a] and mixed:
                 got = self.problem.vjp([g_hp[k] for k in mixed], plist,
                                        [rows[k][a] for k in mixed], retain_graph=True)
