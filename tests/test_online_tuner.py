@@ -42,7 +42,7 @@ def test_online_hypergradient_is_the_forward_engine_when_meta_lr_is_zero():
 
 
 @pytest.mark.parametrize("method", ["forward", "greedy", "truncated"])
-@pytest.mark.parametrize("meta", ["adam", "sgd", "sign"])
+@pytest.mark.parametrize("meta", ["adam", "sgd", "sign", "normalized"])
 def test_methods_and_meta_optimizers_run(method, meta):
     p = make_problem()
     tuner = hd.OnlineTuner(p, method=method, meta_optimizer=meta, meta_lr=0.05, window=3,

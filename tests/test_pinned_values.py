@@ -43,7 +43,8 @@ def current_values() -> dict:
                        "raw_grad": _flat(res.raw_grad)}
     p = _problem()
     # the meta-Adam betas of the pinned run (pins guard refactors, not defaults)
-    tuner = hd.OnlineTuner(p, meta_lr=0.05, reset_every=5, meta_betas=(0.9, 0.999))
+    tuner = hd.OnlineTuner(p, meta_optimizer="adam", meta_lr=0.05, reset_every=5,
+                           meta_betas=(0.9, 0.999))
     tuner.run(12)
     out["oho"] = {"hparams": _flat(tuner.hparams),
                   "train_loss": [float(r["train_loss"]).hex() for r in tuner.history],

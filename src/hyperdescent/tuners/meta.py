@@ -1,9 +1,10 @@
 """The meta-optimizer every tuner shares: steps raw (unconstrained) hyperparameter coordinates.
 
 A tuner hands it hypergradients with respect to raw coordinates; it clips their joint norm,
-takes an Adam (Kingma & Ba 2015), SGD or sign step (signSGD, Bernstein et al. 2018), or the
-"fds" step of Micaelli & Storkey 2021 (sign times a per-element step size halved on sign flips),
-and projects the result back inside the bounds. It steps any dict of tensors, so an STN's
+takes an Adam (Kingma & Ba 2015), SGD or sign step (signSGD, Bernstein et al. 2018), a
+"normalized" momentum step (Cutkosky & Mehta 2020), or the "fds" step of Micaelli & Storkey 2021
+(sign times a per-element step size halved on sign flips), and projects the result back inside
+the bounds. It steps any dict of tensors, so an STN's
 perturbation scales fit beside the hyperparameters themselves.
 """
 
@@ -16,14 +17,15 @@ import torch
 
 from ..errors import HyperparameterError
 
-KINDS = ("adam", "sgd", "sign", "fds")
+KINDS = ("adam", "sgd", "sign", "normalized", "fds")
 
 Leaves = dict[str, torch.Tensor]
 
 
 class MetaOptimizer:
-    """Gradient steps on raw coordinates: norm clipping, then adam/sgd/sign/fds, then projection
-    (kind "fds" takes its coordinates as given: the offline tuner hands it natural values)."""
+    """Gradient steps on raw coordinates: norm clipping, then adam/sgd/sign/normalized/fds, then
+    projection (kind "fds" takes its coordinates as given: the offline tuner hands it natural
+    values; kind "normalized" takes betas[0] as its momentum)."""
 
     def __init__(self, raw: Mapping[str, torch.Tensor], kind: str = "adam",
                  lr: float | Mapping[str, float] = 0.03, clip: float | None = None,
@@ -48,10 +50,12 @@ class MetaOptimizer:
             raise HyperparameterError(f"meta_betas must be two numbers in [0, 1), got {betas!r}")
         self.betas = (float(betas[0]), float(betas[1]))
         self.kind, self.lr, self.clip, self.project = kind, float(lr), clip, project
+        if kind == "normalized":
+            self._momentum = NormalizedMomentum(self.raw, self.betas[0])
         self._opt = self._make(self.lr)
 
     def _make(self, lr: float) -> torch.optim.Optimizer | None:
-        if self.kind == "fds":
+        if self.kind in ("fds", "normalized"):
             return None
         params = list(self.raw.values())
         if self.kind == "adam":
@@ -76,6 +80,11 @@ class MetaOptimizer:
         scale = self.clip / norm if self.clip is not None and norm > self.clip else 1.0
         if self.kind == "fds":
             self.assign(self._sign_rule.step(self.values(), raw_grads))
+        elif self.kind == "normalized":
+            direction = self._momentum.direction({k: g * scale for k, g in raw_grads.items()})
+            with torch.no_grad():
+                for k, p in self.raw.items():
+                    p.sub_(direction[k], alpha=self.lr)
         else:
             for k, p in self.raw.items():
                 g = raw_grads[k] * scale
@@ -106,7 +115,9 @@ class MetaOptimizer:
     def state_dict(self) -> dict:
         """Raw coordinates, learning rate and the inner optimizer's moments (tensors and
         plain values only)."""
-        opt = self._sign_rule.state_dict() if self.kind == "fds" else self._opt.state_dict()
+        opt = (self._sign_rule.state_dict() if self.kind == "fds" else
+               self._momentum.state_dict() if self.kind == "normalized" else
+               self._opt.state_dict())
         return {"raw": {k: v.detach().clone() for k, v in self.raw.items()}, "lr": self.lr,
                 "opt": _clone(opt)}
 
@@ -117,6 +128,8 @@ class MetaOptimizer:
         self._opt = self._make(self.lr)
         if self.kind == "fds":
             self._sign_rule.load_state_dict(_clone(sd["opt"]))
+        elif self.kind == "normalized":
+            self._momentum.load_state_dict(_clone(sd["opt"]))
         else:
             self._opt.load_state_dict(_clone(sd["opt"]))
 
@@ -162,6 +175,39 @@ class HalvingSign:
         self.step_sizes = {k: v.detach().clone() for k, v in sd["step_sizes"].items()}
         self.signs = {k: v.detach().clone() for k, v in sd["signs"].items()}
         self.decay = float(sd["decay"])
+
+
+class NormalizedMomentum:
+    """Momentum of the hypergradients stepped at a fixed size, x ← x − lr·clamp(m / rms(m), −1,
+    1) with m ← β·m + (1 − β)·g: normalized momentum (Cutkosky & Mehta 2020, "Momentum improves
+    normalized SGD"), its step clamped per coordinate at lr as signSGD's is."""
+
+    def __init__(self, like: Mapping[str, torch.Tensor], beta: float):
+        self.m = {k: torch.zeros_like(v.detach()) for k, v in like.items()}
+        self.beta = float(beta)
+
+    def direction(self, grads: Mapping[str, torch.Tensor]) -> Leaves:
+        """Fold `grads` into the momentum; the step per unit of lr (every element in [-1, 1])."""
+        # one root-mean-square over every coordinate, not one per coordinate as Adam's: raw
+        # coordinates are log / logit scale, so their hypergradients are commensurable, and a
+        # hyperparameter whose hypergradient is negligible beside the others' stays put instead
+        # of being stepped at full size (Adam does so to weight decay while an underfit net's
+        # lr hypergradient is 1e5 times larger); and with no second moment there is no memory
+        # of the large hypergradients of a ramp to shrink the steps for hundreds of steps after
+        for k, g in grads.items():
+            self.m[k] = self.beta * self.m[k] + (1 - self.beta) * g.detach()
+        count = sum(m.numel() for m in self.m.values())
+        rms = math.sqrt(sum(float((m * m).sum()) for m in self.m.values()) / max(count, 1))
+        if not rms > 0:
+            return {k: torch.zeros_like(m) for k, m in self.m.items()}
+        return {k: (m / rms).clamp(-1.0, 1.0) for k, m in self.m.items()}
+
+    def state_dict(self) -> dict:
+        return {"m": dict(self.m), "beta": self.beta}
+
+    def load_state_dict(self, sd: Mapping) -> None:
+        self.m = {k: v.detach().clone() for k, v in sd["m"].items()}
+        self.beta = float(sd["beta"])
 
 
 def check_meta_lr(lr) -> None:
