@@ -4,8 +4,8 @@ A tuner hands it hypergradients with respect to raw coordinates; it clips their 
 takes an Adam (Kingma & Ba 2015), SGD or sign step (signSGD, Bernstein et al. 2018), a
 "normalized" momentum step (Cutkosky & Mehta 2020), or the "fds" step of Micaelli & Storkey 2021
 (sign times a per-element step size halved on sign flips), and projects the result back inside
-the bounds. It steps any dict of tensors, so an STN's
-perturbation scales fit beside the hyperparameters themselves.
+the bounds. It steps any dict of tensors, so an STN's perturbation scales fit beside the
+hyperparameters themselves.
 """
 
 from __future__ import annotations
