@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from oho_recovery import parse_settings
 
 import hyperdescent as hd
 from hyperdescent.hypergrad.forward import ForwardTangent, per_param_rows
@@ -202,11 +203,12 @@ def step_cost(task, steps: int) -> list[dict]:
              "ratio": statistics.median(x) / ref} for v, x in secs.items()]
 
 
-def quality(task, variant: str, seed: int, steps: int) -> dict:
-    """Final val/test loss and wall time of one OnlineTuner run."""
+def quality(task, variant: str, seed: int, steps: int, extra: dict | None = None) -> dict:
+    """Final val/test loss and wall time of one OnlineTuner run (`extra`: tuner options over
+    the variant's)."""
     p = make_problem(task, seed)
     t0 = time.perf_counter()
-    tuner = hd.OnlineTuner(p, **VARIANTS[variant])
+    tuner = hd.OnlineTuner(p, **{**VARIANTS[variant], **(extra or {})})
     tuner.run(steps)
     return {"task": task.name, "variant": variant, "seed": seed,
             "val_loss": tuner.evaluate("val")["loss"], "test_loss": tuner.evaluate("test")["loss"],
@@ -245,8 +247,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="run only pre_readout (plain uoro k=1, 100 steps) on --tasks")
     ap.add_argument("--fd-check", action="store_true",
                     help="run only fd_check (lr x1 and x100, 50 steps) on --tasks and print it")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an OnlineTuner option for every quality run, over the variant's")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
+    extra = parse_settings(args.set)
     torch.set_num_threads(1)
     if args.pre_readout:
         rows = [r for n in args.tasks for r in pre_readout(hd.tasks.get(n), 100)]
@@ -279,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             cost += step_cost(task, args.cost_steps)
         for variant in args.variants:
             for seed in args.seed_list or range(args.seeds):
-                runs.append(quality(task, variant, seed, args.steps))
+                runs.append(quality(task, variant, seed, args.steps, extra))
                 r = runs[-1]
                 print(f"{name:12s} {variant:22s} seed {seed}: val {r['val_loss']:.4f} test "
                       f"{r['test_loss']:.4f} {r['seconds']:.1f} s", flush=True)
