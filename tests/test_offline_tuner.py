@@ -259,3 +259,14 @@ def test_fds_per_layer_schedule_keeps_api_shapes():
     assert any(bool((v > 0).any()) for v in lr.values())
     assert isinstance(off.history[0]["hypergrad"]["lr"], dict)
     assert len(off.schedule(steps=6)) == 6
+
+
+def test_normalized_outer_steps_move_the_dominant_raw_coordinate_by_meta_lr():
+    space = hd.Space({"lr": hd.Real(0.05, low=1e-4, high=1.0, log=True),
+                      "weight_decay": hd.Real(1e-3, low=1e-6, high=0.1, log=True)})
+    off = OfflineTuner(make_problem(space), method="reverse", steps=3, meta_steps=1,
+                       meta_lr=0.1, meta_optimizer="normalized")
+    off.run()
+    moves = [abs(math.log(off.hparams["lr"].item() / 0.05)),
+             abs(math.log(off.hparams["weight_decay"].item() / 1e-3))]
+    assert max(moves) == pytest.approx(0.1, rel=1e-6)
