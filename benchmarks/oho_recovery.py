@@ -55,8 +55,11 @@ def running_mean(curve: list[tuple[int, float]], points: int = 5) -> list[tuple[
     """The curve averaged over its last `points` evaluations at each step (fewer at the start):
     the 114-example validation loss of cancer_logreg wanders by more than the tolerance, so the
     best of the raw curve is a late dip of the noise."""
-    return [(t, sum(v for _, v in curve[max(0, i - points + 1):i + 1])
-             / len(curve[max(0, i - points + 1):i + 1])) for i, (t, _) in enumerate(curve)]
+    out = []
+    for i, (t, _) in enumerate(curve):
+        window = [v for _, v in curve[max(0, i - points + 1):i + 1]]
+        out.append((t, sum(window) / len(window)))
+    return out
 
 
 def recovery(task, seed: int, steps: int, every: int, start: float = 0.01, **tuner_kw) -> dict:

@@ -94,9 +94,10 @@ class OnlineTuner:
     within 10% of the best sooner on three bundled tasks of four, later on cancer_logreg; from
     the default lr at meta_lr 0.06 every 2 steps it drove lr down to 4e-5 once the net had
     fitted its training set, as Adam, whose steps shrink with the hypergradient, did not, and
-    with per-layer values it ended worse than Adam (benchmarks/results/oho_recovery_notes.md). clip: the largest joint norm of a raw
-    hypergradient; "auto" is 1.0, or None for "normalized", whose step is scale-free (a clip
-    would only weigh its momentum towards the small hypergradients early in each window).
+    with per-layer values it ended worse than Adam (benchmarks/results/oho_recovery_notes.md).
+    clip: the largest joint norm of a raw hypergradient; "auto" is 1.0, or None for
+    "normalized", whose step is scale-free (a clip would only weigh its momentum towards the
+    small hypergradients early in each window).
     """
 
     def __init__(self, problem: Problem, method: str = "forward", meta_optimizer: str = "adam",
