@@ -99,6 +99,15 @@ def test_unknown_optimizer_argument():
         hd.optim.SGD(mom=0.9)
 
 
+@pytest.mark.parametrize("cls", ["Adam", "AdamW"])
+@pytest.mark.parametrize("extra", [{"beta2": 1.0}, {"beta1": None}, {"beta1": 0.5, "beta2": 0.5}])
+def test_betas_with_beta1_or_beta2_is_refused_naming_both(cls, extra):
+    """Found by test_fuzz: the check read betas while the optimizer used beta2=1.0 (NaN)."""
+    with pytest.raises(ValueError, match=r"give betas or beta"):
+        getattr(hd.optim, cls)(betas=(0.9, 0.99), **extra)
+    assert getattr(hd.optim, cls)(betas=(0.9, 0.99)).fixed["beta2"] == 0.99
+
+
 def test_flat_views_are_made_on_first_read_and_behave_as_a_dict():
     """FlatViews: no views until read, then the same views as unflat; copies, pickles and
     comparisons see values; common_base returns the vector without making views."""

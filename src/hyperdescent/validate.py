@@ -154,6 +154,10 @@ def check_optimizer_args(owner: str, kwargs: dict[str, Any], defaults: dict[str,
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise HyperparameterError(f"{owner}: betas must be a pair (beta1, beta2), got "
                                       f"{betas!r}")
+        both = sorted({"beta1", "beta2"} & set(kwargs))
+        if both:
+            # which one would win is a guess: the values checked must be the values used
+            raise HyperparameterError(f"{owner}: give betas or {' and '.join(both)}, not both")
         kwargs = {**kwargs, "beta1": betas[0], "beta2": betas[1]}
     for name, v in kwargs.items():
         if name == "betas" or name not in defaults:
