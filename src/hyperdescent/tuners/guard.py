@@ -36,6 +36,9 @@ _NOISE_WINDOW = 50  # successive differences the noise estimate uses
 _FEW = 20  # below this many differences the quantile is unreliable: also take the plain sd
 _PERSIST = 3  # high losses in a row that make a finite spike a divergence
 _EXTREME = 50.0  # standard deviations above the average that no batch noise reaches
+# how far the validation losses' average must have fallen, beyond its noise, to veto the trend
+# rules: a drift of a few percent is not the tuner regularizing on purpose
+_VAL_MARGIN = 0.1
 
 
 class GuardExhausted(Exception):
@@ -84,7 +87,12 @@ class DivergenceGuard:
     best's noise, by more than `trend_factor - 1` of the best or, early on, by more than
     `giveback` of the progress made since the first loss (taken z·σ higher: a low first
     loss is no progress to give back). A run stalling back at chance (dead ReLUs) shows no
-    single spike; the trend rules catch it. The best is the average with the lowest upper
+    single spike; the trend rules catch it. A tuner that also hands the guard its validation
+    losses (`observe_val`) vetoes the trend rules while their running average, plus z times its
+    noise, is more than a tenth below where it was when the training loss set its best: a
+    training loss climbing while the validation loss falls is the regularization the tuner
+    asked for (weight decay raised on a net that had fitted its training set), not
+    divergence, and rolling back for it only halves the learning rate again and again. The best is the average with the lowest upper
     bound seen, so an early average resting on few losses does not make later ones look high.
     With a noiseless loss these are the plain rules. Two snapshots are kept: the newer one may
     already hold a state about to blow up, so a rollback lands on the older one, validated by
@@ -119,12 +127,41 @@ class DivergenceGuard:
         self.best_sd = 1.0  # ema_sd of the running average when it set the best
         self.diffs: deque = deque(maxlen=_NOISE_WINDOW)
         self.high = 0  # spike-high losses in a row, held out of the statistics
+        # running average of the validation losses a tuner observes, and its value when the
+        # training loss's average set its best (None: no validation losses seen)
+        self.val_smooth: float | None = None
+        self.val_at_best: float | None = None
+        self.val_last: float | None = None
+        self.val_count = 0
+        self.val_diffs: deque = deque(maxlen=_NOISE_WINDOW)
         self._snapshots: deque = deque(maxlen=2)
 
     @property
     def noise(self) -> float:
         """The current estimate of one batch loss's noise standard deviation."""
         return noise_sd(self.diffs)
+
+    def observe_val(self, loss: float) -> None:
+        """Fold a validation loss of the tuned run into its running average (non-finite ones
+        are left out)."""
+        if not math.isfinite(loss):
+            return
+        self.val_smooth = loss if self.val_smooth is None else \
+            (1 - _ALPHA) * self.val_smooth + _ALPHA * loss
+        if self.val_last is not None:
+            self.val_diffs.append(loss - self.val_last)
+        self.val_last, self.val_count = loss, self.val_count + 1
+        if self.val_at_best is None:
+            self.val_at_best = self.val_smooth
+
+    def _validation_improved(self) -> bool:
+        """Whether the validation losses' average, plus z times its noise, is more than
+        _VAL_MARGIN below its value when the training loss's average set its best."""
+        if self.val_smooth is None or self.val_at_best is None:
+            return False
+        upper = self.val_smooth + self.noise_tolerance * noise_sd(self.val_diffs) * \
+            ema_sd(self.val_count)
+        return upper < (1 - _VAL_MARGIN) * self.val_at_best
 
     def diverged(self, t: int, loss: float) -> bool:
         """Whether the training loss of inner step t (1-based count of steps taken) signals
@@ -154,7 +191,8 @@ class DivergenceGuard:
             (self.trend_factor - 1) * best,
             # progress measured from the first loss's upper bound: a noisy first loss
             # below the average must not make the progress, and the allowance, negative
-            self.giveback * max(0.0, first + z * sd - best)))
+            self.giveback * max(0.0, first + z * sd - best))
+            and not self._validation_improved())
         spiked = spike or trend
         if spike:
             self.reason = ("training loss spike" if extreme else
@@ -166,6 +204,7 @@ class DivergenceGuard:
             self.count += 1
             if ema + ema_noise <= best + best_noise:
                 best, self.best_sd = ema, ema_sd(self.count)
+                self.val_at_best = self.val_smooth
             self.smooth = (ema, first, best)
             if self.last is not None:  # None in a record saved before the noise statistics
                 self.diffs.append(loss - self.last)
@@ -178,7 +217,10 @@ class DivergenceGuard:
 
     def _stats(self) -> dict[str, Any]:
         return {"smooth": list(self.smooth), "last": self.last, "diffs": list(self.diffs),
-                "count": self.count, "best_sd": self.best_sd, "high": self.high}
+                "count": self.count, "best_sd": self.best_sd, "high": self.high,
+                "val_smooth": self.val_smooth, "val_at_best": self.val_at_best,
+                "val_last": self.val_last, "val_count": self.val_count,
+                "val_diffs": list(self.val_diffs)}
 
     def _load_stats(self, st: dict[str, Any]) -> None:
         self.smooth = tuple(st["smooth"])
@@ -186,6 +228,10 @@ class DivergenceGuard:
         self.diffs = deque(st.get("diffs", ()), maxlen=_NOISE_WINDOW)
         self.count, self.best_sd = int(st.get("count", 0)), float(st.get("best_sd", 1.0))
         self.high = int(st.get("high", 0))
+        # records saved before the guard watched validation losses have none
+        self.val_smooth, self.val_at_best = st.get("val_smooth"), st.get("val_at_best")
+        self.val_last, self.val_count = st.get("val_last"), int(st.get("val_count", 0))
+        self.val_diffs = deque(st.get("val_diffs", ()), maxlen=_NOISE_WINDOW)
 
     def snapshot(self, record: dict[str, Any]) -> None:
         """Keep `record` (a copy of the tuner's state, which the guard does not copy again)
@@ -219,7 +265,8 @@ class DivergenceGuard:
     def state_dict(self) -> dict[str, Any]:
         """Counters, running statistics and snapshots (plain values and the records given)."""
         return {"rollbacks": self.rollbacks, **self._stats(),
-                "snapshots": [{**s, "smooth": list(s["smooth"]), "diffs": list(s["diffs"])}
+                "snapshots": [{**s, "smooth": list(s["smooth"]), "diffs": list(s["diffs"]),
+                               "val_diffs": list(s.get("val_diffs", ()))}
                               for s in self._snapshots]}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -227,5 +274,6 @@ class DivergenceGuard:
         self.rollbacks = int(sd["rollbacks"])
         self._load_stats(sd)
         self._snapshots = deque(
-            ({**s, "smooth": tuple(s["smooth"]), "diffs": list(s.get("diffs", ()))}
+            ({**s, "smooth": tuple(s["smooth"]), "diffs": list(s.get("diffs", ())),
+              "val_diffs": list(s.get("val_diffs", ()))}
              for s in sd["snapshots"]), maxlen=2)
