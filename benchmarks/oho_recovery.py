@@ -188,29 +188,46 @@ def main(argv: list[str] | None = None) -> int:
                        "at which the validation loss first comes within 10% of: OHO's own best; "
                        "the best validation loss of the grid's best fixed lr (seed 0); for that "
                        "fixed lr, its own best; for the fastest fixed lr of the grid, the grid's "
-                       "best; OHO's 5-point running mean, its own best.", "",
+                       "best; OHO's 5-point running mean, its own best; OHO started at the "
+                       "task's default lr (no recovery needed, same seeds), its own best; the "
+                       "poor start, the best of the default-start run of its seed.", "",
                        "| task | OHO, own best | OHO, grid's best | grid-best lr, own best "
                        "| fastest grid lr | OHO best val (median) | grid-best lr: best val "
-                       "| OHO running mean |",
-                       "|---|---|---|---|---|---|---|---|"]
+                       "| OHO running mean | OHO from the default lr, own best "
+                       "| poor start, default start's best |",
+                       "|---|---|---|---|---|---|---|---|---|---|"]
     for name in args.tasks:
         task = hd.tasks.get(name)
         fixed = best_fixed(task, args.steps, args.every)
         runs = [recovery(task, s, args.steps, args.every, start=args.start, **kw)
                 for s in range(args.seeds)]
-        for r in runs:
+        # the same seeds from the default lr: how fast the task itself lets OHO settle, so
+        # that the poor start's figure can be read as recovery or as the task's own pace
+        baseline = [recovery(task, s, args.steps, args.every, start=1.0, **kw)
+                    for s in range(args.seeds)]
+        for r, b in zip(runs, baseline):
             r["within_10pct_of_grid_at"] = within(r["curve"], args.steps,
                                                   target=fixed["best_val"])
-        rows.append({"task": name, "runs": runs, "best_fixed": fixed})
+            r["within_10pct_of_default_start_at"] = within(r["curve"], args.steps,
+                                                           target=b["best_val"])
+        rows.append({"task": name, "runs": runs, "best_fixed": fixed,
+                     "default_start": [{k: b[k] for k in ("seed", "curve", "best_val",
+                                                          "final_val", "test_loss",
+                                                          "within_10pct_at", "final_lr",
+                                                          "rollbacks")} for b in baseline]})
         own = [r["within_10pct_at"] for r in runs]
         grid = [r["within_10pct_of_grid_at"] for r in runs]
         smooth = [r["smoothed_within_10pct_at"] for r in runs]
+        base = [b["within_10pct_at"] for b in baseline]
+        caught = [r["within_10pct_of_default_start_at"] for r in runs]
         line = (f"| {name} | {statistics.median(own):.2f} / {max(own):.2f} | "
                 f"{statistics.median(grid):.2f} / {max(grid):.2f} | "
                 f"{fixed['within_10pct_at']:.2f} | {fixed['grid_within_10pct_at']:.2f} | "
                 f"{statistics.median(r['best_val'] for r in runs):.4f} | "
                 f"{fixed['best_val']:.4f} (lr {fixed['lr']:.3g}) | "
-                f"{statistics.median(smooth):.2f} / {max(smooth):.2f} |")
+                f"{statistics.median(smooth):.2f} / {max(smooth):.2f} | "
+                f"{statistics.median(base):.2f} / {max(base):.2f} | "
+                f"{statistics.median(caught):.2f} / {max(caught):.2f} |")
         lines.append(line)
         print(line, flush=True)
     lines += trajectories(rows, args.steps)
