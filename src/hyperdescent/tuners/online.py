@@ -79,8 +79,8 @@ class OnlineTuner:
     past the stability edge it grows geometrically and the hypergradient is noise of random
     sign; on the bundled tasks stable windows stayed below 22 x k and exploding ones passed
     76 x k. From lr 0.5 (3 seeds, benchmarks/results/oho_stability.json) OHO then ends at
-    test loss 0.099-0.110 on digits_mlp (0.095-0.205 without it; fixed-lr median 0.185) and
-    0.80-0.91 on mnist1d_mlp (0.80-1.23); from lr/100 it never fires. `history` holds one
+    test loss 0.091-0.108 on digits_mlp (0.095-0.205 without it, at meta_lr 0.03; fixed-lr
+    median 0.185) and 0.81-0.97 on mnist1d_mlp (0.80-1.23); from lr/100 it never fires. `history` holds one
     record per inner step (train loss,
     hyperparameters used, tangent norm, wall time) with the validation loss, the hypergradient
     (natural units) and its raw-coordinate norm on meta-steps, which are every step by
@@ -89,14 +89,17 @@ class OnlineTuner:
     torch.compile'd function (faster per step after a compilation). The divergence guard
     (spike_factor, trend_factor, giveback, noise_tolerance: see DivergenceGuard) rolls back
     to a snapshot, halves meta_lr (never below meta_lr_floor x its initial value, reported
-    once as a "meta_lr_floor" event) and halves the step sizes named in `backtrack`.
+    once as a "meta_lr_floor" event) and halves the step sizes named in `backtrack`; with
+    tune_on="val" it is handed every meta-step's validation loss, and a training loss that
+    climbs back while that loss falls by more than a tenth is not rolled back for.
 
     meta_optimizer: "adam" (the default), "sgd", "sign" or "normalized": normalized momentum
     (Cutkosky & Mehta 2020) with one root-mean-square over every raw coordinate and each step at
     most meta_lr, so a hyperparameter whose hypergradient is negligible beside the others' stays
-    put and no second moment remembers the large hypergradients of a ramp. From lr/100 it came
-    within 10% of the best sooner on three bundled tasks of four, later on cancer_logreg; from
-    the default lr at meta_lr 0.06 every 2 steps it drove lr down to 4e-5 once the net had
+    put and no second moment remembers the large hypergradients of a ramp. From lr/100 at
+    meta_lr 0.03 it came within 10% of the best sooner than Adam at 0.03 on three bundled tasks
+    of four (as soon as Adam at 0.05 on digits_mlp), later on cancer_logreg; from the default
+    lr at meta_lr 0.06 every 2 steps it drove lr down to 4e-5 once the net had
     fitted its training set, as Adam, whose steps shrink with the hypergradient, did not, and
     with per-layer values it ended worse than Adam (benchmarks/results/oho_recovery_notes.md).
     clip: the largest joint norm of a raw hypergradient; "auto" is 1.0, or None for
