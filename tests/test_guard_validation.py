@@ -89,6 +89,26 @@ def test_validation_improved_is_the_upper_bound_of_the_average_against_the_margi
         assert g._validation_improved() == (upper < 0.9 * at_best)
     g.val_at_best = None
     assert not g._validation_improved()
+    # "more than a tenth": exactly a tenth below is not enough (no noise after one loss)
+    one = DivergenceGuard()
+    one.observe_val(0.9)
+    one.val_at_best = 1.0
+    assert not one._validation_improved()
+    one.val_at_best = 1.0 + 1e-12
+    assert one._validation_improved()
+
+
+def test_the_reference_is_set_only_when_the_training_loss_sets_its_best():
+    """Validation losses alone leave it unset (no veto); the first healthy training loss sets
+    its best, and with it the reference, to the validation average of that moment."""
+    g = DivergenceGuard()
+    g.observe_val(2.0)
+    g.observe_val(1.0)
+    assert g.val_at_best is None and not g._validation_improved()
+    assert not g.diverged(1, 1.0)  # the first loss starts the statistics, no best update
+    assert g.val_at_best is None
+    assert not g.diverged(2, 0.5)
+    assert g.val_at_best == g.val_smooth == pytest.approx(0.9 * 2.0 + 0.1 * 1.0)
 
 
 def test_a_non_finite_validation_loss_is_left_out():

@@ -151,8 +151,6 @@ class DivergenceGuard:
         if self.val_last is not None:
             self.val_diffs.append(loss - self.val_last)
         self.val_last, self.val_count = loss, self.val_count + 1
-        if self.val_at_best is None:
-            self.val_at_best = self.val_smooth
 
     def _validation_improved(self) -> bool:
         """Whether the validation losses' average, plus z times its noise, is more than
