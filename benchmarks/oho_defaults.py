@@ -25,8 +25,9 @@ import hyperdescent as hd
 BENCH_ARGS: list[str] = []  # what `make bench` (benchmarks/run_all.py) passes
 BENCH_QUICK_ARGS = ["--tasks", "digits_logreg", "--steps", "90", "--seeds", "1", "--configs",
                     "", "meta_lr=0.1", "--out", "benchmarks/results/oho_defaults_quick.json"]
-CONFIGS = ["", "meta_lr=0.1", "meta_lr=0.1,reset_every=none", "meta_lr=0.3",
-           "meta_lr=0.03,reset_every=none"]
+# "" is the defaults (meta_lr 0.05); 0.03 was the default before, 0.04 the step between
+CONFIGS = ["", "meta_lr=0.03", "meta_lr=0.04", "meta_lr=0.1", "meta_lr=0.1,reset_every=none",
+           "meta_lr=0.3", "meta_lr=0.03,reset_every=none"]
 
 
 def summary(records: list[dict], config: str, tasks: list[str]) -> str:
