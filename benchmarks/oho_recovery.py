@@ -2,7 +2,8 @@
 bundled task's default, at which fraction of the run does the validation loss first come within
 10% of the best it reaches; beside it the same fraction for the best fixed learning rate of a
 grid (by its best validation loss), so that the horizon is one where the task itself converges
-early and the figure measures recovery, not the task's convergence.
+early and the figure measures recovery, not the task's convergence; and for OHO started at the
+task's default learning rate on the same seeds, where there is nothing to recover from.
 
     python benchmarks/oho_recovery.py [--tasks digits_mlp digits_logreg cancer_logreg mnist1d_mlp]
         [--seeds 3] [--steps 1500] [--start 0.01] [--set meta_lr=0.1 --set reset_every=none ...]

@@ -92,8 +92,9 @@ class DivergenceGuard:
     noise, is more than a tenth below where it was when the training loss set its best: a
     training loss climbing while the validation loss falls is the regularization the tuner
     asked for (weight decay raised on a net that had fitted its training set), not
-    divergence, and rolling back for it only halves the learning rate again and again. The best is the average with the lowest upper
-    bound seen, so an early average resting on few losses does not make later ones look high.
+    divergence, and rolling back for it only halves the learning rate again and again. The
+    best is the average with the lowest upper bound seen, so an early average resting on few
+    losses does not make later ones look high.
     With a noiseless loss these are the plain rules. Two snapshots are kept: the newer one may
     already hold a state about to blow up, so a rollback lands on the older one, validated by
     `snapshot_every` healthy steps. `backoff` halves a meta learning rate at a rollback, never
@@ -127,8 +128,8 @@ class DivergenceGuard:
         self.best_sd = 1.0  # ema_sd of the running average when it set the best
         self.diffs: deque = deque(maxlen=_NOISE_WINDOW)
         self.high = 0  # spike-high losses in a row, held out of the statistics
-        # running average of the validation losses a tuner observes, and its value when the
-        # training loss's average set its best (None: no validation losses seen)
+        # running average of the validation losses a tuner observes (None: none seen), and its
+        # value when the training loss's average last set its best (None: not since)
         self.val_smooth: float | None = None
         self.val_at_best: float | None = None
         self.val_last: float | None = None

@@ -66,11 +66,11 @@ class OnlineTuner:
     learning rate crawled (on cancer_logreg the validation loss came within 10% of its best
     only at 0.84 of a 1500-step run); beta2 0.97 forgets them in tens of steps (0.39 there).
     meta_lr 0.05 rather than 0.03 climbs out of the poor start sooner (digits_mlp 0.29 of the
-    run rather than 0.42); it passed the stability checks once the guard let a training loss
-    that climbs while the validation loss falls be (see DivergenceGuard). Longer tangent
-    horizons (reset every 100 or 200 steps, or never) recovered faster from lr/100 but
-    diverged or failed to recover from lr x 10 on digits_mlp (benchmarks/oho_experiments.py
-    perturbation). `reset_every` applies to the forward
+    run rather than 0.42); it passed the stability checks once the guard stopped rolling back
+    for a training loss that climbs while the validation loss falls (see DivergenceGuard).
+    Longer tangent horizons (reset every 100 or 200 steps, or never) recovered faster from
+    lr/100 but diverged or failed to recover from lr x 10 on digits_mlp
+    (benchmarks/oho_experiments.py perturbation). `reset_every` applies to the forward
     tangent only, and so does `tangent_growth`: the tangent is also reset (the record says
     `tangent_reset`: steps into its window) once its norm k steps after a reset exceeds
     tangent_growth x k x its norm after the first step, and the step sizes named in
@@ -80,12 +80,12 @@ class OnlineTuner:
     sign; on the bundled tasks stable windows stayed below 22 x k and exploding ones passed
     76 x k. From lr 0.5 (3 seeds, benchmarks/results/oho_stability.json) OHO then ends at
     test loss 0.091-0.108 on digits_mlp (0.095-0.205 without it, at meta_lr 0.03; fixed-lr
-    median 0.185) and 0.81-0.97 on mnist1d_mlp (0.80-1.23); from lr/100 it never fires. `history` holds one
-    record per inner step (train loss,
-    hyperparameters used, tangent norm, wall time) with the validation loss, the hypergradient
+    median 0.185) and 0.81-0.97 on mnist1d_mlp (0.80-1.23); from lr/100 it never fires.
+    `history` holds one record per inner step (train loss, hyperparameters used, tangent
+    norm, wall time) with the validation loss, the hypergradient
     (natural units) and its raw-coordinate norm on meta-steps, which are every step by
-    default; hyper_every=2 with meta_lr=0.06 did as well on every bundled task in
-    oho_defaults.py --hyper-every 1 2. compile=True runs the forward engine's steps as one
+    default; hyper_every=2 with meta_lr=0.06 did as well as every step at 0.03 on every
+    bundled task in oho_defaults.py --hyper-every 1 2. compile=True runs the forward engine's steps as one
     torch.compile'd function (faster per step after a compilation). The divergence guard
     (spike_factor, trend_factor, giveback, noise_tolerance: see DivergenceGuard) rolls back
     to a snapshot, halves meta_lr (never below meta_lr_floor x its initial value, reported
@@ -99,9 +99,9 @@ class OnlineTuner:
     put and no second moment remembers the large hypergradients of a ramp. From lr/100 at
     meta_lr 0.03 it came within 10% of the best sooner than Adam at 0.03 on three bundled tasks
     of four (as soon as Adam at 0.05 on digits_mlp), later on cancer_logreg; from the default
-    lr at meta_lr 0.06 every 2 steps it drove lr down to 4e-5 once the net had
-    fitted its training set, as Adam, whose steps shrink with the hypergradient, did not, and
-    with per-layer values it ended worse than Adam (benchmarks/results/oho_recovery_notes.md).
+    lr at meta_lr 0.06 every 2 steps it drove lr down to 4e-5 once the net had fitted its
+    training set, as Adam, whose steps shrink with the hypergradient, did not, and with
+    per-layer values it ended worse than Adam (benchmarks/results/oho_recovery_notes.md).
     clip: the largest joint norm of a raw hypergradient; "auto" is 1.0, or None for
     "normalized", whose step is scale-free (a clip would only weigh its momentum towards the
     small hypergradients early in each window).
