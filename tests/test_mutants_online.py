@@ -173,7 +173,7 @@ def test_the_rollback_event_names_the_step_and_the_loss_that_caused_it():
         rec = tuner.step()
     ev = tuner.events[0]
     assert ev == {"step": 5, "event": "rollback", "to_step": 2, "train_loss": math.inf,
-                  "meta_lr": 0.05, "why": "non-finite training loss"}
+                  "meta_lr": 0.05, "why": "non-finite training loss", "halved": ["lr"]}
     assert {k: rec[k] for k in ev} == ev
 
 

@@ -117,7 +117,8 @@ class OnlineTuner:
                  uoro_samples: int = 1, uoro_blocks: str = "all", uoro_centred: bool = False,
                  hvp: str = "autodiff", noise_tolerance: float = 4.0,
                  meta_lr_floor: float = 0.01, meta_betas: tuple[float, float] = (0.9, 0.97),
-                 tangent_growth: float | None = 50.0):
+                 tangent_growth: float | None = 50.0,
+                 regularizers: tuple[str, ...] = ("weight_decay",)):
         if method not in METHODS:
             raise HyperparameterError(f"method={method!r} is not one of {METHODS}")
         if meta_optimizer not in META_OPTIMIZERS:
@@ -146,25 +147,16 @@ class OnlineTuner:
         problem.bound.space.require_differentiable(f"OnlineTuner(method={method!r})")
         if not problem.bound.real_names():
             raise HyperparameterError("the problem's space has no Real hyperparameter to tune")
-        if isinstance(backtrack, str):
-            backtrack = (backtrack,)
-        if not isinstance(backtrack, (tuple, list)) or \
-                not all(isinstance(n, str) for n in backtrack):
-            raise HyperparameterError(
-                f"backtrack must be a tuple of hyperparameter names, e.g. ('lr',), got "
-                f"{backtrack!r}")
-        unknown = sorted(set(backtrack) - set(problem.bound.real_names()))
-        if unknown and set(backtrack) != {"lr"}:
-            raise HyperparameterError(
-                f"backtrack names {unknown}, which the space does not have; it has "
-                f"{problem.bound.real_names()}")
+        backtrack = _check_names("backtrack", backtrack, ("lr",), problem)
+        regularizers = _check_names("regularizers", regularizers, ("weight_decay",), problem)
         self.problem = problem
         self.config = dict(method=method, meta_optimizer=meta_optimizer, meta_lr=meta_lr,
                            hyper_every=hyper_every, reset_every=reset_every, tune_on=tune_on,
                            clip=clip, tangent=tangent, window=window, horizon=horizon,
                            spike_factor=spike_factor, trend_factor=trend_factor, giveback=giveback,
                            snapshot_every=snapshot_every,
-                           max_rollbacks=max_rollbacks, backtrack=tuple(backtrack),
+                           max_rollbacks=max_rollbacks, backtrack=backtrack,
+                           regularizers=regularizers,
                            compile=compile, uoro_samples=uoro_samples,
                            uoro_blocks=uoro_blocks, uoro_centred=uoro_centred, hvp=hvp,
                            noise_tolerance=noise_tolerance, meta_lr_floor=meta_lr_floor,
@@ -370,14 +362,22 @@ class OnlineTuner:
                 f"{record['train_loss']}); lower meta_lr or start from a smaller learning rate"
             ) from None
         lr, floored = self.guard.backoff(self.meta.lr, self.config["meta_lr"])
+        # weights that shrank since the snapshot while the loss climbed (finitely) were pulled
+        # in by too much regularization, not thrown out by too large a step: halving the step
+        # sizes then only slows the meta-steps that would bring the regularizers back down
+        shrunk = math.isfinite(record["train_loss"]) and \
+            _norm(self.state.params) < _norm(snap["state"]["params"])
+        regularizers = [n for n in self.like if n in self.config["regularizers"]]
+        halved = regularizers if shrunk and regularizers else \
+            [n for n in self.like if n in self.config["backtrack"]]
         self._restore_snapshot(snap)
-        self._backtrack_step_sizes()
+        self._halve(halved)
         self.meta.set_lr(lr)
         # rolling back to this snapshot again must halve the halved values, not the originals
         self.guard.replace(self._snapshot())
         event = {"step": record["step"], "event": "rollback", "to_step": snap["t"],
                  "train_loss": record["train_loss"], "meta_lr": self.meta.lr,
-                 "why": self.guard.reason}
+                 "why": self.guard.reason, "halved": halved}
         self.events.append(event)
         if floored and not any(e["event"] == "meta_lr_floor" for e in self.events):
             # said once: from here on rollbacks no longer slow tuning down
@@ -389,7 +389,10 @@ class OnlineTuner:
         """Halve learning-rate hyperparameters after a divergence (backtracking line search):
         the snapshot's values may already be past the stability edge, and replaying them with a
         smaller meta learning rate alone would diverge again."""
-        names = [n for n in self.like if n in self.config["backtrack"]]
+        self._halve([n for n in self.like if n in self.config["backtrack"]])
+
+    def _halve(self, names: list[str]) -> None:
+        """Halve the named hyperparameters' current values (clamped to their bounds)."""
         if not names:
             return
         nat = self.problem.bound.to_natural(unflatten(self.meta.values(), self.like))
@@ -504,6 +507,28 @@ def _finite_batch(batch) -> bool:
     """Whether the floating-point tensors of an (x, y) batch hold only finite values."""
     return all(torch.isfinite(v).all().item() for v in batch
                if isinstance(v, torch.Tensor) and v.is_floating_point())
+
+
+def _check_names(option: str, names, default: tuple[str, ...], problem: Problem
+                 ) -> tuple[str, ...]:
+    """A tuple of hyperparameter names for `option`; names the space lacks are refused unless
+    `option` is left at its default (which then applies to the names present)."""
+    if isinstance(names, str):
+        names = (names,)
+    if not isinstance(names, (tuple, list)) or not all(isinstance(n, str) for n in names):
+        raise HyperparameterError(
+            f"{option} must be a tuple of hyperparameter names, e.g. {default!r}, got {names!r}")
+    unknown = sorted(set(names) - set(problem.bound.real_names()))
+    if unknown and set(names) != set(default):
+        raise HyperparameterError(
+            f"{option} names {unknown}, which the space does not have; it has "
+            f"{problem.bound.real_names()}")
+    return tuple(names)
+
+
+def _norm(params: Mapping[str, torch.Tensor]) -> float:
+    """The Euclidean norm of all weights together."""
+    return math.sqrt(sum(float(p.detach().double().square().sum()) for p in params.values()))
 
 
 def _check_int(name: str, v, low: int) -> None:
