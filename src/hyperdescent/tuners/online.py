@@ -82,14 +82,16 @@ class OnlineTuner:
     past the stability edge it grows geometrically and the hypergradient is noise of random
     sign; on the bundled tasks stable windows stayed below 22 x k and exploding ones passed
     76 x k. From lr 0.5 (3 seeds, benchmarks/results/oho_stability.json) OHO then ends at
-    test loss 0.091-0.108 on digits_mlp (0.095-0.205 without it, at meta_lr 0.03; fixed-lr
-    median 0.185) and 0.81-0.97 on mnist1d_mlp (0.80-1.23); from lr/100 it never fires.
+    test loss 0.097-0.131 on digits_mlp (0.095-0.205 without it, at meta_lr 0.03 and reset
+    50; fixed-lr median 0.185) and 0.77-1.32 on mnist1d_mlp (0.80-1.23; fixed-lr median 1.381).
+    From lr/100 it never fired with 50-step windows; with 200-step ones it fires 0-3 times a
+    1500-step run (oho_recovery.json's traces).
     `history` holds one record per inner step (train loss, hyperparameters used, tangent
-    norm, wall time) with the validation loss, the hypergradient
-    (natural units) and its raw-coordinate norm on meta-steps, which are every step by
-    default; hyper_every=2 with meta_lr=0.06 did as well as every step at 0.03 on every
-    bundled task in oho_defaults.py --hyper-every 1 2. compile=True runs the forward engine's steps as one
-    torch.compile'd function (faster per step after a compilation). The divergence guard
+    norm, wall time) with the validation loss, the hypergradient (natural units) and its
+    raw-coordinate norm on meta-steps, which are every step by default; hyper_every=2 with
+    meta_lr=0.06 did as well as every step at 0.03 on every bundled task in oho_defaults.py
+    --hyper-every 1 2. compile=True runs the forward engine's steps as one torch.compile'd
+    function (faster per step after a compilation). The divergence guard
     (spike_factor, trend_factor, giveback, noise_tolerance: see DivergenceGuard) rolls back
     to a snapshot, halves meta_lr (never below meta_lr_floor x its initial value, reported
     once as a "meta_lr_floor" event) and halves the step sizes named in `backtrack`, or the
