@@ -13,14 +13,15 @@ import hyperdescent as hd
 
 
 def tuner(per="global", with_wd=True, **kw):
-    """meta_lr 0, so every value stays at its start until a rollback halves it."""
+    """meta_lr 0 (unless `kw` says otherwise), so every value stays at its start until a
+    rollback halves it."""
     x, y = data(n=64)
     space = {"lr": hd.Real(0.05, low=1e-4, high=1.0, log=True)}
     if with_wd:
         space["weight_decay"] = hd.Real(1e-3, low=1e-6, high=0.1, log=True, per=per)
     p = hd.Problem(mlp(), optimizer=hd.optim.SGD(momentum=0.9), space=hd.Space(space),
                    train=(x, y), val=(x[:24], y[:24]), batch_size=16, seed=0)
-    t = hd.OnlineTuner(p, meta_lr=0.0, snapshot_every=5, **kw)
+    t = hd.OnlineTuner(p, **{"meta_lr": 0.0, "snapshot_every": 5, **kw})
     t.run(12)
     return t
 
@@ -89,3 +90,34 @@ def test_a_saved_tuner_keeps_its_regularizers(tmp_path):
     t.save(tmp_path / "t.pt")
     back = hd.OnlineTuner.load(tmp_path / "t.pt", t.problem)
     assert back.config["regularizers"] == ()
+
+
+def test_equal_norms_are_not_shrunk_weights():
+    """Weights whose norm did not fall (a rollback to a snapshot of the same weights) are no
+    sign of over-regularization: the step sizes are halved."""
+    t = tuner()
+    assert roll_back(t, 1.0)["halved"] == ["lr"]
+
+
+@pytest.mark.parametrize("per", ["global", "layer"])
+def test_a_halved_value_stays_inside_its_bounds(per):
+    """Weight decay at its lower bound stays there when a rollback halves it."""
+    x, y = data(n=64)
+    space = hd.Space({"lr": hd.Real(0.05, low=1e-4, high=1.0, log=True),
+                      "weight_decay": hd.Real(1e-6, low=1e-6, high=0.1, log=True, per=per)})
+    p = hd.Problem(mlp(), optimizer=hd.optim.SGD(momentum=0.9), space=space, train=(x, y),
+                   val=(x[:24], y[:24]), batch_size=16, seed=0)
+    t = hd.OnlineTuner(p, meta_lr=0.0, snapshot_every=5)
+    t.run(12)
+    assert roll_back(t, 0.5)["halved"] == ["weight_decay"]
+    wd = values(t)[1]
+    assert wd == (pytest.approx([1e-6] * len(wd)) if per == "layer" else pytest.approx(1e-6))
+
+
+def test_the_meta_lr_floor_is_reported_once():
+    """With meta_lr_floor 1, every rollback is held at the floor; the event says so once."""
+    t = tuner(meta_lr=0.1, meta_lr_floor=1.0)
+    for _ in range(3):
+        roll_back(t, 0.5)
+    assert [e["event"] for e in t.events].count("meta_lr_floor") == 1
+    assert t.meta_lr == pytest.approx(t.config["meta_lr"])
