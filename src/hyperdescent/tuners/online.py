@@ -375,9 +375,8 @@ class OnlineTuner:
         # sizes then only slows the meta-steps that would bring the regularizers back down
         shrunk = math.isfinite(record["train_loss"]) and \
             _norm(self.state.params) < _norm(snap["state"]["params"])
-        regularizers = [n for n in self.like if n in self.config["regularizers"]]
-        halved = regularizers if shrunk and regularizers else \
-            [n for n in self.like if n in self.config["backtrack"]]
+        regularizers = self._named("regularizers")
+        halved = regularizers if shrunk and regularizers else self._named("backtrack")
         self._restore_snapshot(snap)
         self._halve(halved)
         self.meta.set_lr(lr)
@@ -397,7 +396,11 @@ class OnlineTuner:
         """Halve learning-rate hyperparameters after a divergence (backtracking line search):
         the snapshot's values may already be past the stability edge, and replaying them with a
         smaller meta learning rate alone would diverge again."""
-        self._halve([n for n in self.like if n in self.config["backtrack"]])
+        self._halve(self._named("backtrack"))
+
+    def _named(self, option: str) -> list[str]:
+        """The tuned hyperparameters that the names option `option` lists, in space order."""
+        return [n for n in self.like if n in self.config[option]]
 
     def _halve(self, names: list[str]) -> None:
         """Halve the named hyperparameters' current values (clamped to their bounds)."""
