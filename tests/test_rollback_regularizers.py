@@ -93,10 +93,12 @@ def test_a_saved_tuner_keeps_its_regularizers(tmp_path):
 
 
 def test_equal_norms_are_not_shrunk_weights():
-    """Weights whose norm did not fall (a rollback to a snapshot of the same weights) are no
-    sign of over-regularization: the step sizes are halved."""
+    """Weights whose norm did not fall (the very weights of the snapshot rolled back to) are
+    no sign of over-regularization: the step sizes are halved."""
     t = tuner()
-    assert roll_back(t, 1.0)["halved"] == ["lr"]
+    older = t.guard._snapshots[0]["record"]["state"]["params"]  # what a rollback restores
+    t.state = dataclasses.replace(t.state, params={k: v.clone() for k, v in older.items()})
+    assert t._rollback({"step": t.t - 1, "train_loss": 5.0, "hparams": {}})["halved"] == ["lr"]
 
 
 @pytest.mark.parametrize("per", ["global", "layer"])
@@ -112,6 +114,9 @@ def test_a_halved_value_stays_inside_its_bounds(per):
     assert roll_back(t, 0.5)["halved"] == ["weight_decay"]
     wd = values(t)[1]
     assert wd == (pytest.approx([1e-6] * len(wd)) if per == "layer" else pytest.approx(1e-6))
+    # the raw (log) coordinates themselves, not only the values read back through the bounds
+    raw = [v for k, v in t.meta.values().items() if k.startswith("weight_decay")]
+    assert all(float(v.min()) >= math.log(1e-6) - 1e-12 for v in raw)
 
 
 def test_the_meta_lr_floor_is_reported_once():
