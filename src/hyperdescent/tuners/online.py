@@ -353,7 +353,7 @@ class OnlineTuner:
 
     def _rollback(self, record: dict[str, Any]) -> dict[str, Any]:
         """Diverging inner loss: restore the older snapshot, halve the meta learning rate and
-        backtrack the step sizes."""
+        backtrack the step sizes, or halve the regularizers if the weights shrank."""
         try:
             snap = self.guard.rollback()
         except GuardExhausted:
